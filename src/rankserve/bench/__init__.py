@@ -1,0 +1,1 @@
+"""Benchmark inputs: request-length workloads and arrival processes (see ``rankserve.bench.workloads``)."""
