@@ -1,0 +1,241 @@
+"""``rankserve simulate`` and ``rankserve sweep``.
+
+A bad flag value ends in one line naming the flag (argparse's usual ``error: argument --flag:``),
+never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from rankserve.bench.experiment import SimSpec, parse_params, parse_system, run_grid, run_spec, sweep_specs
+from rankserve.bench.report import markdown_table, plot_latency_vs_rate, summary_line
+from rankserve.bench.workloads import ARRIVAL_FORMS, LENGTH_FORMS, arrival_times, sample_lengths
+from rankserve.core.policies import POLICY_NAMES
+from rankserve.predict import PREDICTOR_NAMES
+from rankserve.sim.cost_model import PRESET_NAMES, get_cost_model
+
+DEFAULT_SYSTEMS = (
+    "fcfs",
+    "mlfq",
+    "sjf+oracle",
+    "srpt+oracle",
+    "ltr+oracle",
+    "ltr+noisy@0.62",
+    "ltr+noisy@0.55",
+    "trail:c=0.8+oracle",
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Errors in one line (no usage dump): ``rankserve simulate: error: argument --flag: why``."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _checked(check):
+    """An argparse ``type`` that turns a ValueError from ``check`` into a flag error."""
+
+    def convert(text: str):
+        try:
+            return check(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return convert
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(f"must be an integer >= 1, got {text}")
+    return value
+
+
+def _rate(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise ValueError(f"must be > 0 (or inf for a burst), got {text}")
+    return value
+
+
+def _tau(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:
+        raise ValueError(f"must be in (0, 1), got {text}")
+    return value
+
+
+def _workload(text: str) -> str:
+    sample_lengths(text, 1, np.random.default_rng(0))
+    return text
+
+
+def _arrival(text: str) -> str:
+    arrival_times(text, 1.0, 1, np.random.default_rng(0))
+    return text
+
+
+def _hardware(text: str) -> str:
+    get_cost_model(text)
+    return text
+
+
+def _rates(text: str) -> list[float]:
+    rates = [_rate(part) for part in text.split(",") if part]
+    if not rates:
+        raise ValueError("give at least one rate")
+    return rates
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workload", type=_checked(_workload), default="sharegpt", help=f"output lengths: {LENGTH_FORMS}")
+    p.add_argument("--prompt-len", type=_checked(_positive_int), default=32, help="prompt tokens (synthetic workloads)")
+    p.add_argument("--arrival", type=_checked(_arrival), default="poisson", help=f"arrival process: {ARRIVAL_FORMS}")
+    p.add_argument("--num-requests", type=_checked(_positive_int), default=1000)
+    p.add_argument("--hardware", type=_checked(_hardware), default="a100-llama3-8b",
+                   help=f"cost model: {', '.join(PRESET_NAMES)}, constant:STEP_MS[:PREFILL_MS_PER_TOKEN]")
+    p.add_argument("--max-num-seqs", type=_checked(_positive_int), default=256)
+    p.add_argument("--max-num-batched-tokens", type=_checked(_positive_int), default=2048)
+    p.add_argument("--preemption-mode", choices=("swap", "recompute"), default="swap")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--first-k", type=_checked(_positive_int), default=None,
+                   help="synthetic data generation: report the time until any K requests finished")
+    p.add_argument("--time-limit", type=_checked(_rate), default=None,
+                   help="synthetic data generation: report how many finished within this many seconds")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="rankserve", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    sim = sub.add_parser("simulate", help="simulate one policy on a cost model and print its metrics")
+    sim.add_argument("--policy", choices=POLICY_NAMES, default="ltr")
+    sim.add_argument("--policy-arg", action="append", default=[], metavar="KEY=VALUE",
+                     help="a policy parameter, e.g. c=0.8 for trail (repeatable)")
+    sim.add_argument("--predictor", choices=PREDICTOR_NAMES, default="oracle")
+    sim.add_argument("--target-tau", type=_checked(_tau), default=None, help="Kendall's tau for --predictor noisy")
+    sim.add_argument("--rate", type=_checked(_rate), default=10.0, help="requests per second (inf = burst)")
+    _add_run_options(sim)
+    sim.add_argument("--json", type=Path, default=None, help="write the summary as JSON here")
+    sim.add_argument("--progress", action="store_true", help="show a progress bar")
+    sim.set_defaults(run=cmd_simulate, parser=sim)
+
+    sw = sub.add_parser("sweep", help="simulate systems x rates; write a table, JSON and a latency-vs-rate plot")
+    sw.add_argument("--systems", nargs="+", default=list(DEFAULT_SYSTEMS),
+                    help="POLICY[:k=v,...][+PREDICTOR[@TAU]] each, e.g. fcfs ltr+oracle ltr+noisy@0.62")
+    sw.add_argument("--rates", type=_checked(_rates), default=[10.0, 16.0, 20.0, 24.0],
+                    help="comma-separated request rates")
+    _add_run_options(sw)
+    sw.add_argument("--baseline", default="fcfs", help="system the table compares against")
+    sw.add_argument("--out", type=Path, default=Path("out/sweep"), help="directory for sweep.md/.json/.png")
+    sw.add_argument("--workers", type=_checked(_positive_int), default=2, help="parallel processes")
+    sw.set_defaults(run=cmd_sweep, parser=sw)
+    return parser
+
+
+def _base_spec(args: argparse.Namespace) -> SimSpec:
+    return SimSpec(
+        workload=args.workload,
+        prompt_len=args.prompt_len,
+        arrival=args.arrival,
+        num_requests=args.num_requests,
+        hardware=args.hardware,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        preemption_mode=args.preemption_mode,
+        seed=args.seed,
+        first_k=args.first_k,
+        time_limit_s=args.time_limit,
+    )
+
+
+def _validate(spec: SimSpec, parser: argparse.ArgumentParser, flag: str) -> None:
+    """Build the spec's policy and predictor once so a bad combination fails before running."""
+    from rankserve.core.policies import make_policy
+
+    try:
+        policy = make_policy(spec.policy, **spec.policy_params)
+    except ValueError as exc:
+        parser.error(f"argument {flag}: {exc}")
+    if policy.needs_prediction and spec.predictor == "noisy" and spec.target_tau is None:
+        parser.error(f"argument {flag}: predictor 'noisy' needs a target tau (--target-tau, or noisy@TAU)")
+    if spec.predictor not in PREDICTOR_NAMES:
+        parser.error(f"argument {flag}: unknown predictor {spec.predictor!r} (choose from {', '.join(PREDICTOR_NAMES)})")
+    if spec.first_k is not None and spec.first_k > spec.num_requests:
+        parser.error(f"argument --first-k: {spec.first_k} is more than --num-requests {spec.num_requests}")
+
+
+def _write_json(path: Path, data: object) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, allow_nan=True) + "\n")
+
+
+def cmd_simulate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    try:
+        params = parse_params(",".join(args.policy_arg))
+    except ValueError as exc:
+        parser.error(f"argument --policy-arg: {exc}")
+    spec = replace(
+        _base_spec(args),
+        policy=args.policy,
+        policy_params=params,
+        predictor=args.predictor,
+        target_tau=args.target_tau,
+        rate=args.rate,
+    )
+    _validate(spec, parser, "--policy-arg" if params else "--predictor")
+    record, _ = run_spec(spec, progress=args.progress)
+    print(summary_line(record))
+    if record["predictor"].get("achieved_tau") is not None:
+        print(f"noisy predictor: target tau {spec.target_tau:g}, achieved {record['predictor']['achieved_tau']:.3f}")
+    flat = dict(record["summary"], system=record["system"], spec=record["spec"], predictor=record["predictor"],
+                sim=record["sim"])
+    if args.json is not None:
+        _write_json(args.json, flat)
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    base = _base_spec(args)
+    systems = []
+    for text in args.systems:
+        try:
+            system = parse_system(text, base)
+        except ValueError as exc:
+            parser.error(f"argument --systems: {exc}")
+        _validate(system, parser, "--systems")
+        systems.append(system)
+    specs = sweep_specs(systems, args.rates)
+    print(f"simulating {len(systems)} systems x {len(args.rates)} rates on {args.hardware} "
+          f"({args.num_requests} {args.workload} requests each, {args.workers} workers)", flush=True)
+    records = run_grid(specs, args.workers)
+    table = markdown_table(records, baseline=args.baseline if any(r["system"] == args.baseline for r in records) else None)
+    print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "sweep.md").write_text(table + "\n")
+    _write_json(args.out / "sweep.json", records)
+    rates_finite = all(math.isfinite(r) for r in args.rates)
+    if rates_finite and len(args.rates) > 1:
+        plot_latency_vs_rate(records, args.out / "sweep.png", f"{args.hardware}, {args.workload}, {args.arrival}")
+        print(f"wrote {args.out / 'sweep.md'}, {args.out / 'sweep.json'}, {args.out / 'sweep.png'}")
+    else:
+        print(f"wrote {args.out / 'sweep.md'}, {args.out / 'sweep.json'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args, args.parser)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
