@@ -122,10 +122,13 @@ class Request:
     block_table: list[int] = field(default_factory=list)
     queue_version: int = 0
     last_run_step: int = 0
+    num_tokens: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:
             raise ValueError("a request needs at least one prompt token")
+        # prompt + output tokens; a plain attribute because the scheduler reads it every step.
+        self.num_tokens = len(self.prompt_token_ids) + len(self.output_token_ids)
         if not self.request_id:
             self.request_id = f"req-{self.seq}"
 
@@ -136,10 +139,6 @@ class Request:
     @property
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property
     def in_prefill(self) -> bool:
@@ -160,6 +159,7 @@ class Request:
 
     def record_token(self, token_id: int, now: float) -> None:
         self.output_token_ids.append(token_id)
+        self.num_tokens += 1
         if self.first_token_time is None:
             self.first_token_time = now
         else:

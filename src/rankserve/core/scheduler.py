@@ -144,6 +144,7 @@ class Scheduler:
             self._preempt_by_rank(out)
         budget = self._schedule_running(out, self.config.max_num_batched_tokens)
         self._admit(out, budget)
+        self._measure(out)
         return out
 
     def update(self, out: SchedulerOutput, sampled: list[int] | None, now: float) -> list[Request]:
@@ -152,12 +153,13 @@ class Scheduler:
         (simulation). Returns the requests that finished."""
         finished = []
         step = out.step
-        for i, req in enumerate(out.requests):
+        for i, (req, n) in enumerate(zip(out.requests, out.num_tokens)):
             if req.status is not _RUNNING:  # aborted while the step ran
                 continue
-            req.num_computed_tokens += out.num_tokens[i]
+            computed = req.num_computed_tokens + n
+            req.num_computed_tokens = computed
             req.last_run_step = step
-            if req.num_computed_tokens < req.num_tokens:
+            if computed < req.num_tokens:
                 continue  # a prefill chunk that did not reach the end of the prompt
             token = 0 if sampled is None else sampled[i]
             req.record_token(token, now)
@@ -286,20 +288,28 @@ class Scheduler:
             self._evict_kv(victim, out)
         return need <= self.blocks.num_free_device_blocks
 
-    def _add_to_batch(self, req: Request, n: int, out: SchedulerOutput) -> None:
-        out.requests.append(req)
-        out.num_tokens.append(n)
-        ctx = req.num_computed_tokens + n
-        if n == 1 and req.output_token_ids and ctx == req.num_tokens:
-            out.num_decode_tokens += 1
-        else:
-            out.num_prefill_tokens += n
-        out.kv_tokens += ctx
-        out.attn_pairs += n * ctx
+    @staticmethod
+    def _measure(out: SchedulerOutput) -> None:
+        """Sum the step's shape over the batch (one tight pass; this runs every step)."""
+        prefill = decode = kv = pairs = 0
+        for req, n in zip(out.requests, out.num_tokens):
+            ctx = req.num_computed_tokens + n
+            kv += ctx
+            pairs += n * ctx
+            if n == 1 and req.output_token_ids:
+                decode += 1
+            else:
+                prefill += n
+        out.num_prefill_tokens = prefill
+        out.num_decode_tokens = decode
+        out.kv_tokens = kv
+        out.attn_pairs = pairs
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
         chunked = self.config.enable_chunked_prefill
         blocks = self.blocks
+        block_size = blocks.block_size
+        batch, batch_tokens = out.requests, out.num_tokens
         order = list(self.running.values())
         for i, req in enumerate(order):
             if budget <= 0:
@@ -312,6 +322,11 @@ class Scheduler:
                     continue
                 n = budget
             target = req.num_computed_tokens + n
+            if target <= len(req.block_table) * block_size:  # the common case: room in the last block
+                batch.append(req)
+                batch_tokens.append(n)
+                budget -= n
+                continue
             while not blocks.allocate(req, target):
                 need = blocks.extra_blocks_for(req, target)
                 if self._make_room(need, out, None, req):
@@ -322,7 +337,8 @@ class Scheduler:
                 if victim is req:
                     break
             if req.status is _RUNNING:
-                self._add_to_batch(req, n, out)
+                batch.append(req)
+                batch_tokens.append(n)
                 budget -= n
         return budget
 
@@ -357,5 +373,6 @@ class Scheduler:
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = self.clock.now()
             self.running[req.seq] = req
-            self._add_to_batch(req, n, out)
+            out.requests.append(req)
+            out.num_tokens.append(n)
             budget -= n

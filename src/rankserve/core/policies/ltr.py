@@ -49,7 +49,7 @@ class LearningToRank(Policy):
 
     def begin_step(self, step: int, now: float) -> Iterable[Request]:
         starving = []
-        limit = step - self.starvation_threshold
+        limit = step - self.starvation_threshold - 1  # idle = steps strictly since it last ran
         heap = self._idle_since
         while heap and heap[0][0] <= limit:
             last_run, _, req = heapq.heappop(heap)
@@ -62,11 +62,12 @@ class LearningToRank(Policy):
     def end_step(self, scheduled: list[Request], step: int, now: float) -> None:
         if not self._boosted:
             return
-        for seq, entry in list(self._boosted.items()):
-            if entry[0].last_run_step == step:
+        for req in scheduled:  # the batch, not every boosted request: O(batch) per step
+            entry = self._boosted.get(req.seq)
+            if entry is not None:
                 entry[1] -= 1
                 if entry[1] <= 0:
-                    del self._boosted[seq]
+                    del self._boosted[req.seq]
 
     def on_finish(self, req: Request) -> None:
         self._boosted.pop(req.seq, None)

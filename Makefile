@@ -1,0 +1,28 @@
+# The README's two commands: `make demo` (install + the main job) and `make test` (install + tests).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Simulated comparison of scheduling policies on an A100 running Llama-3-8B (ShareGPT, Poisson).
+demo: $(STAMP)
+	$(BIN)/rankserve sweep --num-requests 1000 --rates 12,16,20,24 --out out/demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/sim_speed.py
+
+clean:
+	rm -rf $(VENV) out build *.egg-info

@@ -1,0 +1,76 @@
+"""A small harness to drive the Scheduler by hand in tests."""
+
+from __future__ import annotations
+
+from rankserve.core import (
+    BlockManager,
+    Policy,
+    Request,
+    SamplingParams,
+    Scheduler,
+    SchedulerConfig,
+    SchedulerOutput,
+    VirtualClock,
+)
+
+
+class Harness:
+    def __init__(
+        self,
+        policy: Policy,
+        max_num_seqs: int = 1,
+        budget: int = 256,
+        device_blocks: int = 1000,
+        host_blocks: int = 1000,
+        block_size: int = 4,
+        mode: str = "swap",
+        chunked: bool = True,
+    ) -> None:
+        self.clock = VirtualClock()
+        self.blocks = BlockManager(device_blocks, host_blocks, block_size)
+        config = SchedulerConfig(
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=budget,
+            preemption_mode=mode,
+            enable_chunked_prefill=chunked,
+        )
+        self.sched = Scheduler(config, policy, self.blocks, self.clock)
+
+    def add(
+        self,
+        out_len: int,
+        prompt: int = 4,
+        pred: float | None = None,
+        priority: int = 0,
+        name: str = "",
+    ) -> Request:
+        req = Request(
+            list(range(prompt)),
+            SamplingParams(max_tokens=out_len, ignore_eos=True),
+            arrival_time=self.clock.now(),
+            priority=priority,
+            oracle_output_len=out_len,
+            request_id=name,
+        )
+        if pred is not None:
+            req.set_prediction(pred, pred)
+        self.sched.add_request(req)
+        return req
+
+    def step(self, dt: float = 1.0) -> SchedulerOutput:
+        out = self.sched.schedule()
+        self.clock.advance(dt)
+        self.sched.update(out, None, self.clock.now())
+        self.blocks.check_invariants(self.sched.live_requests())
+        return out
+
+    def run_until_idle(self, max_steps: int = 10_000) -> list[SchedulerOutput]:
+        outs = []
+        while self.sched.has_work:
+            outs.append(self.step())
+            assert len(outs) < max_steps, "scheduler did not drain"
+        return outs
+
+
+def ran(out: SchedulerOutput) -> list[str]:
+    return [r.request_id for r in out.requests]
