@@ -34,7 +34,7 @@ FAIRNESS = ("ltr+oracle", "ltr:starvation_prevention=false+oracle", "ltr+noisy@0
             "ltr:starvation_prevention=false+noisy@0.62")
 RATES = {
     "a100-llama3-8b": [8, 12, 16, 18, 20, 22, 24, 28],
-    "8xa100-llama3-70b": [4, 6, 8, 10, 12, 14, 16],
+    "8xa100-llama3-70b": [4, 8, 10, 12, 14, 16, 18, 20],
 }
 
 

@@ -141,10 +141,6 @@ class Request:
         return len(self.output_token_ids)
 
     @property
-    def in_prefill(self) -> bool:
-        return self.num_computed_tokens < self.num_tokens - 1 or not self.output_token_ids
-
-    @property
     def predicted_remaining(self) -> float:
         """Estimated output tokens still to come (0 when unknown or overrun)."""
         if self.predicted_len is None:

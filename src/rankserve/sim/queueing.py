@@ -62,3 +62,42 @@ def mg1_srpt(rate: float, sizes: np.ndarray, probs: np.ndarray) -> float:
     edges = np.concatenate([[0.0], s])
     residence = np.cumsum(np.diff(edges) / (1 - rho_below))
     return float(((waiting + residence) * p).sum())
+
+
+THEORY = {"fcfs": mg1_fcfs, "sjf": mg1_sjf, "srpt": mg1_srpt}
+
+
+def uniform_steps(max_len: int, step_s: float) -> tuple[np.ndarray, np.ndarray]:
+    """Job sizes of 1..max_len constant-time steps, equally likely."""
+    return np.arange(1, max_len + 1) * step_s, np.full(max_len, 1 / max_len)
+
+
+def simulate_mg1(
+    policy: str, rho: float, num_requests: int, seed: int = 7, step_s: float = 0.001, max_len: int = 40
+) -> tuple[float, float]:
+    """Simulate the engine as an M/G/1 queue (one sequence at a time, ``constant`` steps, output
+    lengths uniform on 1..max_len, oracle predictions) at load ``rho``.
+
+    Returns (simulated mean response time, closed-form mean response time) in seconds.
+    """
+    from rankserve.core.policies import make_policy
+    from rankserve.core.scheduler import SchedulerConfig
+    from rankserve.predict import make_predictor
+    from rankserve.sim.cost_model import get_cost_model
+    from rankserve.sim.simulator import build_requests, simulate
+
+    sizes, probs = uniform_steps(max_len, step_s)
+    rate = rho / float((sizes * probs).sum())
+    rng = np.random.default_rng(seed)
+    lengths = np.stack([np.ones(num_requests, dtype=int), rng.integers(1, max_len + 1, num_requests)], axis=1)
+    arrivals = np.cumsum(rng.exponential(1 / rate, num_requests))
+    result = simulate(
+        build_requests(lengths, arrivals),
+        make_policy(policy),
+        make_predictor("oracle"),
+        get_cost_model(f"constant:{step_s * 1000:g}"),
+        SchedulerConfig(max_num_seqs=1, max_num_batched_tokens=64),
+    )
+    if result.summary["num_requests"] != num_requests:
+        raise RuntimeError("not every request finished")
+    return result.summary["mean_latency_s"], THEORY[policy](rate, sizes, probs)

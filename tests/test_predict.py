@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.stats import kendalltau
+
+from rankserve.core import Request, SamplingParams
+from rankserve.predict import make_predictor
+from rankserve.predict.oracle import noise_for_tau
+
+
+def _requests(lengths, prompt=8):
+    return [
+        Request(range(prompt), SamplingParams(max_tokens=int(n), ignore_eos=True), oracle_output_len=int(n))
+        for n in lengths
+    ]
+
+
+def test_oracle_gives_the_true_length():
+    reqs = _requests([5, 50, 500])
+    make_predictor("oracle").score(reqs)
+    assert [r.predicted_len for r in reqs] == [5, 50, 500]
+    assert [r.initial_predicted_len for r in reqs] == [5, 50, 500]
+
+
+def test_oracle_without_known_lengths_says_why():
+    req = Request([1, 2, 3])
+    with pytest.raises(ValueError, match="no known output length"):
+        make_predictor("oracle").score([req])
+
+
+def test_prompt_length_predictor_ranks_by_prompt():
+    reqs = [Request(range(p)) for p in (30, 10, 20)]
+    make_predictor("prompt-len").score(reqs)
+    assert [r.score for r in reqs] == [30, 10, 20]
+
+
+@pytest.mark.parametrize("target", [0.3, 0.55, 0.62, 0.8])
+def test_noisy_oracle_reaches_the_target_tau(target):
+    rng = np.random.default_rng(3)
+    lengths = np.maximum(rng.lognormal(5.3, 0.9, 6000).astype(int), 1)
+    predictor = make_predictor("noisy", target_tau=target, seed=1, calibration_lengths=lengths[:3000])
+    reqs = _requests(lengths[3000:])
+    for start in range(0, len(reqs), 500):  # scored in batches, as at admission
+        predictor.score(reqs[start : start + 500])
+    achieved = predictor.report()["achieved_tau"]
+    measured = kendalltau([r.oracle_output_len for r in reqs], [r.predicted_len for r in reqs]).statistic
+    assert achieved == pytest.approx(measured)
+    assert achieved == pytest.approx(target, abs=0.03)
+
+
+def test_noisy_oracle_calibrates_on_its_first_batch_without_a_sample():
+    lengths = np.arange(1, 2001)
+    predictor = make_predictor("noisy", target_tau=0.5, seed=0)
+    predictor.score(_requests(lengths))
+    assert predictor.report()["achieved_tau"] == pytest.approx(0.5, abs=0.03)
+
+
+def test_noisy_oracle_rejects_bad_targets():
+    with pytest.raises(ValueError, match="needs --target-tau"):
+        make_predictor("noisy")
+    with pytest.raises(ValueError, match="target-tau"):
+        make_predictor("noisy", target_tau=1.5)
+    with pytest.raises(ValueError, match="distinct"):
+        noise_for_tau(np.full(10, 7), 0.5)
+    with pytest.raises(ValueError, match="unknown predictor"):
+        make_predictor("crystal-ball")
