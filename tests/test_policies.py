@@ -192,11 +192,23 @@ def test_chunked_prefill_splits_a_long_prompt_under_the_token_budget():
 
 
 def test_without_chunked_prefill_a_prompt_waits_for_a_whole_budget():
-    h = Harness(make_policy("fcfs"), max_num_seqs=2, budget=10, chunked=False)
+    h = Harness(make_policy("fcfs"), max_num_seqs=3, budget=12, chunked=False)
     h.add(5, prompt=4, name="a")
-    h.step()
-    h.add(5, prompt=9, name="b")  # 1 decode token + 9 prompt tokens = 10: fits
+    h.add(5, prompt=7, name="b")
+    h.add(5, prompt=7, name="c")  # 4 + 7 leaves 1 token of budget: c waits for the next step
     assert ran(h.step()) == ["a", "b"]
+    assert ran(h.step()) == ["a", "b", "c"]
+    with pytest.raises(ValueError, match="chunked prefill off"):
+        h.add(5, prompt=8)  # 8 + 5 > 12: a recompute could never fit one step
+
+
+def test_with_chunked_prefill_the_budget_is_filled_by_a_chunk():
+    h = Harness(make_policy("fcfs"), max_num_seqs=3, budget=12)
+    h.add(5, prompt=4, name="a")
+    h.add(5, prompt=7, name="b")
+    h.add(5, prompt=7, name="c")
+    out = h.step()
+    assert ran(out) == ["a", "b", "c"] and out.num_tokens == [4, 7, 1]
 
 
 def test_abort_frees_blocks_at_once():

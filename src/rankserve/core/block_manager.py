@@ -49,6 +49,9 @@ class BlockManager:
         self.device = _Pool("device", num_device_blocks)
         self.host = _Pool("host", num_host_blocks)
         self._on_host: set[int] = set()  # seq of requests whose blocks live in the host pool
+        # Host blocks released by swap-ins of the current step: their contents are copied to the
+        # device only when the step runs, so no swap-out of the same step may reuse them.
+        self._host_released: list[int] = []
 
     # ---- queries -------------------------------------------------------------------------
     @property
@@ -105,6 +108,11 @@ class BlockManager:
         """Move ``req``'s blocks host -> device; returns (host_block, device_block) copy pairs."""
         return self._move(req, self.host, self.device, to_host=False)
 
+    def end_step(self) -> None:
+        """The step's copies are scheduled: host blocks swapped in from may be reused now."""
+        self.host.free.extend(self._host_released)
+        self._host_released.clear()
+
     def _move(self, req: Request, src: _Pool, dst: _Pool, to_host: bool) -> list[tuple[int, int]]:
         if (req.seq in self._on_host) == to_host:
             raise BlockManagerError(
@@ -113,6 +121,11 @@ class BlockManager:
         old = req.block_table
         new = dst.take(len(old), req.seq)
         src.give_back(old, req.seq)
+        if not to_host:
+            # Hold them back until end_step (see _host_released). Device blocks freed by a
+            # swap-out need no such care: executors copy all swap-outs before any swap-in.
+            del src.free[len(src.free) - len(old) :]
+            self._host_released.extend(old)
         req.block_table = new
         if to_host:
             self._on_host.add(req.seq)
@@ -128,13 +141,14 @@ class BlockManager:
         the owned blocks are exactly the union of those requests' block tables.
         """
         for pool in (self.device, self.host):
-            if len(set(pool.free)) != len(pool.free):
+            free = pool.free + (self._host_released if pool is self.host else [])
+            if len(set(free)) != len(free):
                 raise BlockManagerError(f"{pool.name} free list holds a block twice")
-            for b in pool.free:
+            for b in free:
                 if pool.owner[b] is not None:
                     raise BlockManagerError(f"{pool.name} block {b} is free and owned")
             owned = sum(o is not None for o in pool.owner)
-            if owned + len(pool.free) != pool.num_blocks:
+            if owned + len(free) != pool.num_blocks:
                 raise BlockManagerError(f"{pool.name} pool lost blocks: neither free nor owned")
         if live is None:
             return

@@ -53,8 +53,10 @@ class SchedulerOutput:
     step: int
     requests: list[Request] = field(default_factory=list)  # in batch order
     num_tokens: list[int] = field(default_factory=list)  # tokens to compute for each request
-    swap_out: list[tuple[int, int]] = field(default_factory=list)  # (device, host) block copies
-    swap_in: list[tuple[int, int]] = field(default_factory=list)  # (host, device) block copies
+    # Block copies. Executors perform every swap-out before any swap-in, then the forward pass:
+    # a device block swapped out may be reused by a swap-in or an allocation of the same step.
+    swap_out: list[tuple[int, int]] = field(default_factory=list)  # (device, host)
+    swap_in: list[tuple[int, int]] = field(default_factory=list)  # (host, device)
     preempted: list[Request] = field(default_factory=list)
     # Shape of the step, summed while scheduling (cost models and metrics read these).
     num_prefill_tokens: int = 0
@@ -98,6 +100,13 @@ class Scheduler:
             raise ValueError(
                 f"prompt ({req.prompt_len}) + max_tokens ({req.sampling.max_tokens}) = {total} tokens "
                 f"exceeds the context limit of {limit}"
+            )
+        budget = self.config.max_num_batched_tokens
+        if not self.config.enable_chunked_prefill and total > budget:
+            # Unchunked, a prefill (or a recompute of prompt + output) must fit one step.
+            raise ValueError(
+                f"prompt ({req.prompt_len}) + max_tokens ({req.sampling.max_tokens}) = {total} tokens "
+                f"exceeds max_num_batched_tokens ({budget}) with chunked prefill off"
             )
         need = self.blocks.extra_blocks_for(req, total)
         if need > self.blocks.device.num_blocks:
@@ -144,6 +153,7 @@ class Scheduler:
             self._preempt_by_rank(out)
         budget = self._schedule_running(out, self.config.max_num_batched_tokens)
         self._admit(out, budget)
+        self.blocks.end_step()
         self._measure(out)
         return out
 
@@ -151,11 +161,13 @@ class Scheduler:
         """Apply a finished step. ``sampled[i]`` is the token sampled for ``out.requests[i]``
         (read only where the request reached the end of its tokens); None samples token 0
         (simulation). Returns the requests that finished."""
-        finished = []
+        ran: list[Request] = []
+        finished: list[tuple[Request, FinishReason]] = []
         step = out.step
         for i, (req, n) in enumerate(zip(out.requests, out.num_tokens)):
             if req.status is not _RUNNING:  # aborted while the step ran
                 continue
+            ran.append(req)
             computed = req.num_computed_tokens + n
             req.num_computed_tokens = computed
             req.last_run_step = step
@@ -165,11 +177,13 @@ class Scheduler:
             req.record_token(token, now)
             reason = self._stop_reason(req, token)
             if reason is not None:
-                self._finish(req, reason, now, RequestStatus.FINISHED)
-                finished.append(req)
-        self.policy.end_step(out.requests, step, now)
+                finished.append((req, reason))
+        # The policy learns from the step before finished requests' state is dropped.
+        self.policy.end_step(ran, step, now)
+        for req, reason in finished:
+            self._finish(req, reason, now, RequestStatus.FINISHED)
         self.step_count += 1
-        return finished
+        return [req for req, _ in finished]
 
     # ---- internals -----------------------------------------------------------------------
     @staticmethod

@@ -14,7 +14,7 @@ class LearningToRank(Policy):
     Every step, queued and running requests compete by rank score (lower = predicted shorter);
     a queued request displaces a lower-ranked running one (which pauses, keeping its KV cache).
     Starvation prevention: a request not run for ``starvation_threshold`` steps is boosted to the
-    front for ``boost_quantum`` steps in which it runs, then drops back to its score.
+    front until it has run ``boost_quantum`` steps that produced a token, then drops back to its score.
     """
 
     name = "ltr"
@@ -64,7 +64,9 @@ class LearningToRank(Policy):
             return
         for req in scheduled:  # the batch, not every boosted request: O(batch) per step
             entry = self._boosted.get(req.seq)
-            if entry is not None:
+            # The quantum counts steps that produced a token, not prefill chunks: a request
+            # evicted for recompute must get past its prefill, or boosts could livelock.
+            if entry is not None and req.num_computed_tokens == req.num_tokens - 1:
                 entry[1] -= 1
                 if entry[1] <= 0:
                     del self._boosted[req.seq]
