@@ -91,7 +91,7 @@ def main() -> None:
     for policy in ("ltr", "fcfs", "srpt"):
         base = None
         for n in (500, 2000, 8000, 32000):
-            cost = step_cost(n, policy)
+            cost = min(step_cost(n, policy) for _ in range(3))  # best of 3: the machine is shared
             base = base or cost
             rows.append({"policy": policy, "queued": n, "running": 256, "us_per_step": cost * 1e6,
                          "ratio_to_500": cost / base, "log_ratio": math.log(n) / math.log(500)})
