@@ -16,7 +16,7 @@ install: $(STAMP)
 
 # Simulated comparison of scheduling policies on an A100 running Llama-3-8B (ShareGPT, Poisson).
 demo: $(STAMP)
-	$(BIN)/rankserve sweep --num-requests 1000 --rates 12,16,20,24 --out out/demo
+	$(BIN)/rankserve sweep --num-requests 2000 --rates 16,20,24,28 --out out/demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
