@@ -17,19 +17,10 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+from rankserve.bench.experiment import PAPER_SYSTEMS as SYSTEMS
 from rankserve.bench.experiment import SimSpec, parse_system, run_grid, sweep_specs
 from rankserve.bench.report import markdown_table, plot_latency_vs_rate
 
-SYSTEMS = (
-    "fcfs",
-    "mlfq",
-    "sjf+oracle",
-    "srpt+oracle",
-    "ltr+oracle",
-    "ltr+noisy@0.62",
-    "ltr+noisy@0.55",
-    "trail:c=0.8+oracle",
-)
 FAIRNESS = ("ltr+oracle", "ltr:starvation_prevention=false+oracle", "ltr+noisy@0.62",
             "ltr:starvation_prevention=false+noisy@0.62")
 RATES = {

@@ -15,24 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
-from rankserve.bench.experiment import SimSpec, parse_params, parse_system, run_grid, run_spec, sweep_specs
+from rankserve.bench.experiment import PAPER_SYSTEMS, SimSpec, parse_params, parse_system, run_grid, run_spec, sweep_specs
 from rankserve.bench.report import markdown_table, plot_latency_vs_rate, summary_line
 from rankserve.bench.workloads import ARRIVAL_FORMS, LENGTH_FORMS, arrival_times, sample_lengths
 from rankserve.core.policies import POLICY_NAMES
 from rankserve.predict import PREDICTOR_NAMES
 from rankserve.sim.cost_model import PRESET_NAMES, get_cost_model
-
-DEFAULT_SYSTEMS = (
-    "fcfs",
-    "mlfq",
-    "sjf+oracle",
-    "srpt+oracle",
-    "ltr+oracle",
-    "ltr+noisy@0.62",
-    "ltr+noisy@0.55",
-    "trail:c=0.8+oracle",
-)
-
 
 class _Parser(argparse.ArgumentParser):
     """Errors in one line (no usage dump): ``rankserve simulate: error: argument --flag: why``."""
@@ -130,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.set_defaults(run=cmd_simulate, parser=sim)
 
     sw = sub.add_parser("sweep", help="simulate systems x rates; write a table, JSON and a latency-vs-rate plot")
-    sw.add_argument("--systems", nargs="+", default=list(DEFAULT_SYSTEMS),
+    sw.add_argument("--systems", nargs="+", default=list(PAPER_SYSTEMS),
                     help="POLICY[:k=v,...][+PREDICTOR[@TAU]] each, e.g. fcfs ltr+oracle ltr+noisy@0.62")
     sw.add_argument("--rates", type=_checked(_rates), default=[10.0, 16.0, 20.0, 24.0],
                     help="comma-separated request rates")

@@ -319,8 +319,15 @@ class Scheduler:
         out.kv_tokens = kv
         out.attn_pairs = pairs
 
+    def _tokens_to_compute(self, req: Request, budget: int) -> int:
+        """All the tokens ``req`` has left to compute, or a chunk that fills the budget;
+        0 if it must wait for a bigger budget (chunked prefill off)."""
+        n = req.num_tokens - req.num_computed_tokens
+        if n <= budget:
+            return n
+        return budget if self.config.enable_chunked_prefill else 0
+
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
-        chunked = self.config.enable_chunked_prefill
         blocks = self.blocks
         block_size = blocks.block_size
         batch, batch_tokens = out.requests, out.num_tokens
@@ -330,11 +337,9 @@ class Scheduler:
                 break
             if req.status is not _RUNNING:  # evicted earlier in this loop
                 continue
-            n = req.num_tokens - req.num_computed_tokens
-            if n > budget:
-                if not chunked:
-                    continue
-                n = budget
+            n = self._tokens_to_compute(req, budget)
+            if not n:
+                continue
             target = req.num_computed_tokens + n
             if target <= len(req.block_table) * block_size:  # the common case: room in the last block
                 batch.append(req)
@@ -357,18 +362,15 @@ class Scheduler:
         return budget
 
     def _admit(self, out: SchedulerOutput, budget: int) -> None:
-        chunked = self.config.enable_chunked_prefill
         blocks = self.blocks
         max_seqs = self.config.max_num_seqs
         while budget > 0 and len(self.running) < max_seqs:
             req = self._peek()
             if req is None:
                 return
-            n = req.num_tokens - req.num_computed_tokens
-            if n > budget:
-                if not chunked:
-                    return
-                n = budget
+            n = self._tokens_to_compute(req, budget)
+            if not n:
+                return
             target = req.num_computed_tokens + n
             swapped = req.status is _SWAPPED
             have = 0 if swapped else len(req.block_table)

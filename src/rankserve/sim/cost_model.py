@@ -92,17 +92,23 @@ class CostModel(abc.ABC):
     ) -> float:
         """Seconds one engine step takes (see :class:`StepShape` for the arguments)."""
 
-    @abc.abstractmethod
+    # Set by each subclass: KV tokens on the device and in host swap space, and the time to copy
+    # one token's KV one way over the host link.
+    _kv_capacity: int
+    _host_capacity: int
+    _swap_s_per_token: float
+
     def swap_time(self, num_blocks: int, block_size: int) -> float:
         """Seconds to copy ``num_blocks`` KV blocks of ``block_size`` tokens one way (device <-> host)."""
+        return num_blocks * block_size * self._swap_s_per_token
 
-    @abc.abstractmethod
     def kv_capacity_tokens(self) -> int:
         """Tokens of KV cache that fit on the device (after weights and activations)."""
+        return self._kv_capacity
 
-    @abc.abstractmethod
     def host_capacity_tokens(self) -> int:
         """Tokens of KV cache that fit in the host swap space."""
+        return self._host_capacity
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
@@ -353,15 +359,6 @@ class RooflineCostModel(CostModel):
                           + max(parts["attn_compute"], parts["kv_read"]) + parts["tp_comm"])
         return parts
 
-    def swap_time(self, num_blocks: int, block_size: int) -> float:
-        return num_blocks * block_size * self._swap_s_per_token
-
-    def kv_capacity_tokens(self) -> int:
-        return self._kv_capacity
-
-    def host_capacity_tokens(self) -> int:
-        return self._host_capacity
-
 
 # ---------------------------------------------------------------------------------------------
 # Linear model (the CPU engine)
@@ -424,15 +421,6 @@ class LinearCostModel(CostModel):
         return (self.base_s + prefill_tokens * self.prefill_s_per_token + decode_tokens * self.decode_s_per_token
                 + kv_tokens * self.kv_s_per_token + attn_pairs * self.attn_s_per_pair + num_seqs * self.seq_s)
 
-    def swap_time(self, num_blocks: int, block_size: int) -> float:
-        return num_blocks * block_size * self._swap_s_per_token
-
-    def kv_capacity_tokens(self) -> int:
-        return self._kv_capacity
-
-    def host_capacity_tokens(self) -> int:
-        return self._host_capacity
-
     def to_dict(self) -> dict[str, Any]:
         """The constructor arguments (what :meth:`from_dict` and :meth:`from_json` read back)."""
         return {
@@ -484,7 +472,8 @@ class ConstantCostModel(CostModel):
             raise ValueError(f"PREFILL_MS_PER_TOKEN must be a finite number >= 0, got {prefill_ms_per_token}")
         self.step_s = step_ms / 1000.0
         self.prefill_s_per_token = prefill_ms_per_token / 1000.0
-        self._capacity = int(capacity_tokens)
+        self._kv_capacity = self._host_capacity = int(capacity_tokens)
+        self._swap_s_per_token = 0.0
         self.name = name or f"constant:{step_ms:g}:{prefill_ms_per_token:g}"
 
     def step_time(
@@ -493,15 +482,6 @@ class ConstantCostModel(CostModel):
         if prefill_tokens + decode_tokens <= 0:
             return 0.0
         return self.step_s + prefill_tokens * self.prefill_s_per_token
-
-    def swap_time(self, num_blocks: int, block_size: int) -> float:
-        return 0.0
-
-    def kv_capacity_tokens(self) -> int:
-        return self._capacity
-
-    def host_capacity_tokens(self) -> int:
-        return self._capacity
 
 
 # ---------------------------------------------------------------------------------------------
