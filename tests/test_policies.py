@@ -199,7 +199,7 @@ def test_without_chunked_prefill_a_prompt_waits_for_a_whole_budget():
     assert ran(h.step()) == ["a", "b"]
     assert ran(h.step()) == ["a", "b", "c"]
     with pytest.raises(ValueError, match="chunked prefill off"):
-        h.add(5, prompt=8)  # 8 + 5 > 12: a recompute could never fit one step
+        h.add(5, prompt=9)  # a recompute after 4 tokens (9 + 4 > 12) could never fit one step
 
 
 def test_with_chunked_prefill_the_budget_is_filled_by_a_chunk():

@@ -25,7 +25,7 @@ class _Pool:
     def take(self, n: int, owner: int) -> list[int]:
         if n > len(self.free):
             raise BlockManagerError(f"{self.name} pool: asked for {n} blocks, {len(self.free)} free")
-        taken = self.free[len(self.free) - n :]
+        taken = self.free[len(self.free) - n :][::-1]
         del self.free[len(self.free) - n :]
         for b in taken:
             self.owner[b] = owner

@@ -102,8 +102,9 @@ class Scheduler:
                 f"exceeds the context limit of {limit}"
             )
         budget = self.config.max_num_batched_tokens
-        if not self.config.enable_chunked_prefill and total > budget:
-            # Unchunked, a prefill (or a recompute of prompt + output) must fit one step.
+        if not self.config.enable_chunked_prefill and total - 1 > budget:
+            # Unchunked, a prefill (or a recompute of prompt + output so far) must fit one step;
+            # the longest is prompt + max_tokens - 1 (the last token is never computed).
             raise ValueError(
                 f"prompt ({req.prompt_len}) + max_tokens ({req.sampling.max_tokens}) = {total} tokens "
                 f"exceeds max_num_batched_tokens ({budget}) with chunked prefill off"
@@ -122,6 +123,11 @@ class Scheduler:
         if req.status.is_done:
             return
         req.abort_reason = reason
+        if req.queue_version == 0:  # never added: nothing of it to release
+            req.status = RequestStatus.ABORTED
+            req.finish_reason = FinishReason.ABORT
+            req.finished_time = self.clock.now()
+            return
         self._finish(req, FinishReason.ABORT, self.clock.now(), RequestStatus.ABORTED)
 
     def finish(self, req: Request, reason: FinishReason) -> None:
@@ -293,14 +299,21 @@ class Scheduler:
 
     def _make_room(self, need: int, out: SchedulerOutput, rank_key: tuple | None, exclude: Request) -> bool:
         """Evict paused requests, lowest-ranked first, until ``need`` device blocks are free.
-        With ``rank_key`` only those ranked below it are evicted."""
+        With ``rank_key`` only those ranked below it, and only if that frees enough: an
+        admission that fails anyway should not cost swaps."""
+        blocks = self.blocks
+        if need <= blocks.num_free_device_blocks:
+            return True
         key = self.policy.key
-        while need > self.blocks.num_free_device_blocks and self.paused:
-            victim = max((r for r in self.paused.values() if r is not exclude), key=key, default=None)
-            if victim is None or (rank_key is not None and key(victim) < rank_key):
+        victims = [r for r in self.paused.values() if r is not exclude and (rank_key is None or key(r) > rank_key)]
+        if rank_key is not None and blocks.num_free_device_blocks + sum(len(r.block_table) for r in victims) < need:
+            return False
+        victims.sort(key=key, reverse=True)
+        for victim in victims:
+            if need <= blocks.num_free_device_blocks:
                 break
             self._evict_kv(victim, out)
-        return need <= self.blocks.num_free_device_blocks
+        return need <= blocks.num_free_device_blocks
 
     @staticmethod
     def _measure(out: SchedulerOutput) -> None:

@@ -66,7 +66,7 @@ class LearningToRank(Policy):
             entry = self._boosted.get(req.seq)
             # The quantum counts steps that produced a token, not prefill chunks: a request
             # evicted for recompute must get past its prefill, or boosts could livelock.
-            if entry is not None and req.num_computed_tokens == req.num_tokens - 1:
+            if entry is not None and req.last_token_time == now:
                 entry[1] -= 1
                 if entry[1] <= 0:
                     del self._boosted[req.seq]
