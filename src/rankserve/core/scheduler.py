@@ -92,6 +92,13 @@ class Scheduler:
     # ---- requests in and out -------------------------------------------------------------
     def add_request(self, req: Request) -> None:
         """Queue a new request. Raises ValueError if it could never fit."""
+        self.validate(req)
+        req.last_run_step = self.step_count
+        self._enqueue(req)
+
+    def validate(self, req: Request) -> None:
+        """Raise ValueError if ``req`` is not new or could never run. Reads only the
+        configuration, so another thread may call it (a server, before handing the request over)."""
         if req.status is not _WAITING or req.num_computed_tokens or req.output_token_ids:
             raise ValueError(f"request {req.request_id} is not new")
         total = req.prompt_len + req.sampling.max_tokens
@@ -115,8 +122,6 @@ class Scheduler:
                 f"request {req.request_id} needs {need} KV blocks, the device pool has "
                 f"{self.blocks.device.num_blocks}"
             )
-        req.last_run_step = self.step_count
-        self._enqueue(req)
 
     def abort(self, req: Request, reason: str = "aborted") -> None:
         """End ``req`` now wherever it is; frees its blocks at once."""

@@ -1,5 +1,6 @@
-"""The engine: the step loop and the Executor protocol (the model-backed executor comes later)."""
+"""The engine: the step loop shared by every executor, and its wall-clock, threaded front."""
 
 from rankserve.engine.core import EngineCore, Executor
+from rankserve.engine.loop import AsyncEngine, EngineLoop, RequestOutput, WallClock
 
-__all__ = ["EngineCore", "Executor"]
+__all__ = ["AsyncEngine", "EngineCore", "EngineLoop", "Executor", "RequestOutput", "WallClock"]

@@ -1,0 +1,182 @@
+"""The engine on a wall clock: the step loop in its own thread, and an asyncio front.
+
+The server's event loop never runs model code: it hands requests and aborts to the engine thread
+through a queue, and the engine thread hands token deltas back with ``call_soon_threadsafe``.
+Every accepted request ends with a final output: finished, aborted (client gone, shutdown), or
+aborted because a step failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from rankserve.core.request import FinishReason, Request
+from rankserve.engine.core import EngineCore
+
+log = logging.getLogger(__name__)
+
+
+class WallClock:
+    """Seconds since the engine started (monotonic)."""
+
+    def __init__(self) -> None:
+        self._start = time.monotonic()
+
+    def now(self) -> float:
+        return time.monotonic() - self._start
+
+
+@dataclass
+class RequestOutput:
+    request: Request
+    new_token_ids: list[int]
+    finished: bool
+
+    @property
+    def finish_reason(self) -> FinishReason | None:
+        return self.request.finish_reason if self.finished else None
+
+
+OutputCallback = Callable[[RequestOutput], None]
+
+
+class EngineLoop:
+    """Runs ``EngineCore.step`` in a background thread while there is work."""
+
+    def __init__(self, core: EngineCore, idle_wait_s: float = 0.05) -> None:
+        self.core = core
+        self.idle_wait_s = idle_wait_s
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._live: dict[str, tuple[Request, OutputCallback]] = {}
+        self._emitted: dict[str, int] = {}
+
+    # ---- called from any thread ------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="rankserve-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop stepping; requests still live end as aborted ("shutdown")."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def submit(self, req: Request, on_output: OutputCallback) -> None:
+        """Hand over a request. Raises ValueError at once if it could never run."""
+        if self._stop.is_set():
+            raise RuntimeError("the engine is stopped")
+        self.core.scheduler.validate(req)
+        req.arrival_time = self.core.scheduler.clock.now()
+        self._inbox.put(("add", req, on_output))
+        self._wake.set()
+
+    def abort(self, request_id: str, reason: str = "aborted") -> None:
+        self._inbox.put(("abort", request_id, reason))
+        self._wake.set()
+
+    # ---- the engine thread -----------------------------------------------------------------
+    def _run(self) -> None:
+        scheduler = self.core.scheduler
+        while not self._stop.is_set():
+            self._drain_inbox()
+            if not scheduler.has_work:
+                self._wake.wait(self.idle_wait_s)
+                self._wake.clear()
+                continue
+            try:
+                out, _ = self.core.step()
+            except Exception as exc:  # a failed step must not lose the requests in it
+                log.exception("engine step failed")
+                for req, _cb in list(self._live.values()):
+                    self._end(req, f"engine error: {exc}")
+                continue
+            for req in out.requests:
+                self._emit(req)
+        self._drain_inbox()
+        for req, _cb in list(self._live.values()):
+            self._end(req, "shutdown")
+
+    def _drain_inbox(self) -> None:
+        added: list[Request] = []
+        while True:
+            try:
+                kind, first, second = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "add":
+                if first.request_id in self._live:
+                    first.abort_reason = f"duplicate request id {first.request_id!r}"
+                    self.core.scheduler.abort(first, first.abort_reason)
+                    second(RequestOutput(first, [], True))
+                    continue
+                self._live[first.request_id] = (first, second)
+                self._emitted[first.request_id] = 0
+                added.append(first)
+            elif first in self._live:
+                self._end(self._live[first][0], second)
+        if added:
+            # Score arrivals in one batch (the predictor runs here, between steps, never inside one).
+            try:
+                self.core.add_requests(added)
+            except Exception as exc:
+                log.exception("admission failed")
+                for req in added:
+                    self._end(req, f"rejected: {exc}")
+
+    def _end(self, req: Request, reason: str) -> None:
+        self.core.scheduler.abort(req, reason)
+        self._emit(req)
+
+    def _emit(self, req: Request) -> None:
+        entry = self._live.get(req.request_id)
+        if entry is None:
+            return
+        done = self._emitted[req.request_id]
+        tokens = req.output_token_ids[done:]
+        finished = req.status.is_done
+        if not tokens and not finished:
+            return
+        self._emitted[req.request_id] = done + len(tokens)
+        if finished:
+            del self._live[req.request_id]
+            del self._emitted[req.request_id]
+        try:
+            entry[1](RequestOutput(req, list(tokens), finished))
+        except Exception:
+            log.exception("output callback failed for %s", req.request_id)
+
+
+class AsyncEngine:
+    """``async for output in engine.generate(request)``; cancelling the iteration (a client that
+    disconnects) aborts the request and frees its KV blocks at once."""
+
+    def __init__(self, core: EngineCore) -> None:
+        self.loop = EngineLoop(core)
+        self.loop.start()
+
+    async def generate(self, req: Request) -> AsyncIterator[RequestOutput]:
+        event_loop = asyncio.get_running_loop()
+        outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self.loop.submit(req, lambda out: event_loop.call_soon_threadsafe(outputs.put_nowait, out))
+        finished = False
+        try:
+            while not finished:
+                out = await outputs.get()
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:
+                self.loop.abort(req.request_id, "client disconnected")
+
+    def shutdown(self) -> None:
+        self.loop.stop()

@@ -1,0 +1,143 @@
+"""The wall-clock engine front with a fake executor: streaming, stop tokens, aborts, failures."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from rankserve.core import (
+    BlockManager,
+    FinishReason,
+    Request,
+    RequestStatus,
+    SamplingParams,
+    Scheduler,
+    SchedulerConfig,
+    make_policy,
+)
+from rankserve.engine import AsyncEngine, EngineCore, WallClock
+
+
+class CountingExecutor:
+    """Samples token (tokens so far + 1) % 50 for each request; can sleep or fail on demand."""
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        self.delay_s = delay_s
+        self.fail_next = False
+
+    def execute(self, out):
+        time.sleep(self.delay_s)
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError("device lost")
+        return [(r.num_output_tokens + 1) % 50 for r in out.requests]
+
+    def hidden_states(self):
+        return None
+
+
+def make_engine(delay_s: float = 0.0, blocks: int = 64) -> tuple[AsyncEngine, CountingExecutor, BlockManager]:
+    clock = WallClock()
+    pool = BlockManager(blocks, 0, block_size=4)
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64), make_policy("fcfs"), pool, clock)
+    executor = CountingExecutor(delay_s)
+    return AsyncEngine(EngineCore(scheduler, executor)), executor, pool
+
+
+def request(max_tokens: int, **params) -> Request:
+    return Request(list(range(5)), SamplingParams(max_tokens=max_tokens, **params))
+
+
+async def collect(engine: AsyncEngine, req: Request) -> list:
+    return [out async for out in engine.generate(req)]
+
+
+def test_streams_every_token_once_and_finishes():
+    engine, _, pool = make_engine()
+    try:
+        reqs = [request(n, ignore_eos=True) for n in (3, 17, 9, 30, 1, 12)]
+
+        async def main():
+            return await asyncio.gather(*(collect(engine, r) for r in reqs))
+
+        results = asyncio.run(main())
+    finally:
+        engine.shutdown()
+    for req, outs in zip(reqs, results):
+        tokens = [t for o in outs for t in o.new_token_ids]
+        assert tokens == [(i + 1) % 50 for i in range(req.sampling.max_tokens)]
+        assert outs[-1].finished and outs[-1].finish_reason is FinishReason.LENGTH
+        assert not any(o.finished for o in outs[:-1])
+    assert pool.num_free_device_blocks == 64
+
+
+def test_stop_token_after_min_tokens():
+    engine, _, _ = make_engine()
+    try:
+        outs = asyncio.run(collect(engine, request(40, stop_token_ids=(4,), min_tokens=2)))
+    finally:
+        engine.shutdown()
+    tokens = [t for o in outs for t in o.new_token_ids]
+    assert tokens == [1, 2, 3, 4] and outs[-1].finish_reason is FinishReason.STOP
+
+
+def test_client_disconnect_aborts_and_frees_blocks_at_once():
+    engine, _, pool = make_engine(delay_s=0.01)
+    req = request(200, ignore_eos=True)
+
+    async def main():
+        async for out in engine.generate(req):
+            if req.num_output_tokens >= 3:
+                break  # the client goes away mid-stream
+
+    try:
+        asyncio.run(main())
+        deadline = time.monotonic() + 2.0
+        while req.status is not RequestStatus.ABORTED and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert req.status is RequestStatus.ABORTED and req.abort_reason == "client disconnected"
+        assert req.num_output_tokens < 200
+        assert pool.num_free_device_blocks == 64
+    finally:
+        engine.shutdown()
+
+
+def test_a_failed_step_ends_its_requests_and_the_engine_keeps_serving():
+    engine, executor, pool = make_engine()
+    try:
+        executor.fail_next = True
+        first = asyncio.run(collect(engine, request(5, ignore_eos=True)))
+        assert first[-1].finished and first[-1].request.status is RequestStatus.ABORTED
+        assert "device lost" in first[-1].request.abort_reason
+        second = asyncio.run(collect(engine, request(5, ignore_eos=True)))
+        assert second[-1].finish_reason is FinishReason.LENGTH
+        assert pool.num_free_device_blocks == 64
+    finally:
+        engine.shutdown()
+
+
+def test_a_request_that_can_never_run_is_refused_before_it_is_accepted():
+    engine, _, _ = make_engine(blocks=4)
+    try:
+        with pytest.raises(ValueError, match="KV blocks"):
+            asyncio.run(collect(engine, request(100)))
+    finally:
+        engine.shutdown()
+
+
+def test_shutdown_ends_live_requests():
+    engine, _, pool = make_engine(delay_s=0.01)
+    req = request(200, ignore_eos=True)
+    seen = []
+
+    async def main():
+        async for out in engine.generate(req):
+            seen.append(out)
+            if len(seen) == 2:
+                await asyncio.get_running_loop().run_in_executor(None, engine.shutdown)
+
+    asyncio.run(main())
+    assert seen[-1].finished and req.status is RequestStatus.ABORTED and req.abort_reason == "shutdown"
+    assert pool.num_free_device_blocks == 64
