@@ -84,6 +84,11 @@ class EngineLoop:
         self._inbox.put(("abort", request_id, reason))
         self._wake.set()
 
+    def finish(self, request_id: str, reason: FinishReason = FinishReason.STOP) -> None:
+        """End a request as finished (e.g. the server saw a stop string in its text)."""
+        self._inbox.put(("finish", request_id, reason))
+        self._wake.set()
+
     # ---- the engine thread -----------------------------------------------------------------
     def _run(self) -> None:
         scheduler = self.core.scheduler
@@ -123,7 +128,12 @@ class EngineLoop:
                 self._emitted[first.request_id] = 0
                 added.append(first)
             elif first in self._live:
-                self._end(self._live[first][0], second)
+                req = self._live[first][0]
+                if kind == "finish":
+                    self.core.scheduler.finish(req, second)
+                    self._emit(req)
+                else:
+                    self._end(req, second)
         if added:
             # Score arrivals in one batch (the predictor runs here, between steps, never inside one).
             try:

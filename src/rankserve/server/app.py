@@ -1,0 +1,195 @@
+"""The FastAPI app: /v1/completions, /v1/chat/completions (streaming or not), /v1/models, /health.
+
+Errors are OpenAI-style JSON (``{"error": {"message", "type", "param", "code"}}``) with the right
+status; a bad request is refused before it reaches the engine and never disturbs the others.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request as HTTPRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from rankserve.core.request import FinishReason, Request
+from rankserve.engine.loop import AsyncEngine
+from rankserve.server.protocol import ChatCompletionRequest, CompletionRequest, _SamplingFields
+from rankserve.server.text import TextStream, TextTokenizer
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status)
+
+
+@dataclass
+class ServerConfig:
+    model_name: str
+    max_model_len: int
+    api_key: str | None = None
+    max_queued: int = 4096  # beyond this many waiting requests, answer 429
+
+
+def _finish_reason(reason: FinishReason | None, stopped_by_text: bool) -> str | None:
+    if stopped_by_text or reason is FinishReason.STOP:
+        return "stop"
+    if reason is FinishReason.LENGTH:
+        return "length"
+    return "abort" if reason is FinishReason.ABORT else None
+
+
+def build_app(config: ServerConfig, tokenizer: TextTokenizer, engine: AsyncEngine | None = None) -> FastAPI:
+    """The app; ``app.state.engine`` may be set later (503 until then, e.g. while loading)."""
+    app = FastAPI(title="rankserve", version="0.1.0")
+    app.state.engine = engine
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: HTTPRequest, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: HTTPRequest, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        return APIError(400, f"{param}: {first.get('msg', 'invalid request')}" if param else str(exc),
+                        param=param).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: HTTPRequest, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return APIError(exc.status_code, str(exc.detail), kind).response()
+
+    def _ready(http: HTTPRequest) -> AsyncEngine:
+        if config.api_key is not None:
+            given = http.headers.get("authorization", "")
+            if not secrets.compare_digest(given, f"Bearer {config.api_key}"):
+                raise APIError(401, "invalid or missing API key", "authentication_error")
+        if app.state.engine is None:
+            raise APIError(503, "the model is loading", "service_unavailable")
+        return app.state.engine
+
+    def _check_model(name: str | None) -> None:
+        if name is not None and name != config.model_name:
+            raise APIError(404, f"model '{name}' not found (serving '{config.model_name}')",
+                           "not_found_error", "model", "model_not_found")
+
+    def _make_request(body: _SamplingFields, prompt_ids: list[int], max_tokens: int | None) -> Request:
+        room = config.max_model_len - len(prompt_ids)
+        if room < 1 or (max_tokens is not None and max_tokens > room):
+            asked = f" + max_tokens {max_tokens}" if max_tokens is not None else ""
+            raise APIError(400, f"prompt of {len(prompt_ids)} tokens{asked} exceeds the context length "
+                           f"of {config.max_model_len}", param="max_tokens", code="context_length_exceeded")
+        try:
+            sampling = body.sampling(max_tokens or room, tokenizer.eos_token_id)
+        except ValueError as exc:
+            raise APIError(400, str(exc)) from None
+        return Request(prompt_ids, sampling, priority=body.priority, request_id=f"cmpl-{uuid.uuid4().hex}")
+
+    async def _run(engine: AsyncEngine, req: Request, stream: TextStream) -> AsyncIterator[tuple[str, str | None]]:
+        """Yield (text delta, finish reason or None) as tokens come, ending the request early on
+        a stop string."""
+        if engine.loop.core.scheduler.num_queued >= config.max_queued:
+            raise APIError(429, "too many requests waiting; try again later", "rate_limit_error")
+        try:
+            outputs = engine.generate(req)
+            async for out in outputs:
+                delta = stream.push(out.new_token_ids, final=out.finished)
+                if stream.stopped and not out.finished:
+                    engine.loop.finish(req.request_id, FinishReason.STOP)
+                    await outputs.aclose()
+                    yield delta, "stop"
+                    return
+                yield delta, _finish_reason(out.finish_reason, stream.stopped) if out.finished else None
+        except ValueError as exc:
+            raise APIError(400, str(exc)) from None
+
+    def _usage(req: Request, stream: TextStream) -> dict:
+        n = len(stream.token_ids)
+        return {"prompt_tokens": req.prompt_len, "completion_tokens": n, "total_tokens": req.prompt_len + n}
+
+    def _sse(data: dict | str) -> str:
+        return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+    async def _respond(engine: AsyncEngine, body: _SamplingFields, req: Request, chat: bool) -> Response:
+        stream = TextStream(tokenizer, body.stop or ())
+        created = int(time.time())
+        head = {"id": req.request_id, "created": created, "model": config.model_name}
+        gen = _run(engine, req, stream)
+        if not body.stream:
+            text, reason = "", None
+            async for delta, finish in gen:
+                text += delta
+                reason = finish or reason
+            choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason}
+                      if chat else {"index": 0, "text": text, "logprobs": None, "finish_reason": reason})
+            obj = "chat.completion" if chat else "text_completion"
+            return JSONResponse({**head, "object": obj, "choices": [choice], "usage": _usage(req, stream)})
+
+        # Pull the first output before answering, so that errors (429, 400) still get a status code.
+        first = await anext(gen, None)
+        obj = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(delta: str, finish: str | None, role: bool = False) -> dict:
+            if chat:
+                content = {"role": "assistant", "content": delta} if role else {"content": delta}
+                choice = {"index": 0, "delta": content, "finish_reason": finish}
+            else:
+                choice = {"index": 0, "text": delta, "logprobs": None, "finish_reason": finish}
+            return {**head, "object": obj, "choices": [choice]}
+
+        async def events() -> AsyncIterator[str]:
+            try:
+                if first is not None:
+                    yield _sse(chunk(first[0], first[1], role=True))
+                async for delta, finish in gen:
+                    yield _sse(chunk(delta, finish))
+                if body.include_usage:
+                    yield _sse({**head, "object": obj, "choices": [], "usage": _usage(req, stream)})
+                yield _sse("[DONE]")
+            finally:
+                await gen.aclose()  # a client that went away aborts the request
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.get("/health")
+    async def health() -> Response:
+        if app.state.engine is None:
+            raise APIError(503, "the model is loading", "service_unavailable")
+        return Response(status_code=200)
+
+    @app.get("/v1/models")
+    async def models(http: HTTPRequest) -> dict:
+        _ready(http)
+        return {"object": "list", "data": [{"id": config.model_name, "object": "model", "owned_by": "rankserve",
+                                            "max_model_len": config.max_model_len}]}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, http: HTTPRequest) -> Response:
+        engine = _ready(http)
+        _check_model(body.model)
+        ids = tokenizer.encode(body.prompt) if isinstance(body.prompt, str) else list(body.prompt)
+        if not ids:
+            raise APIError(400, "prompt has no tokens", param="prompt")
+        return await _respond(engine, body, _make_request(body, ids, body.max_tokens), chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, http: HTTPRequest) -> Response:
+        engine = _ready(http)
+        _check_model(body.model)
+        ids = tokenizer.apply_chat_template([m.model_dump() for m in body.messages])
+        return await _respond(engine, body, _make_request(body, ids, body.requested_max_tokens), chat=True)
+
+    return app

@@ -1,0 +1,168 @@
+"""The HTTP server on a fake executor and a character tokenizer: protocol, streaming, errors."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+from test_engine_loop import make_engine
+
+from rankserve.server.app import ServerConfig, build_app
+
+
+class CharTokenizer:
+    """Token i <-> letter 'a' + i % 26; the counting executor samples 1, 2, 3, ... -> "bcd..."."""
+
+    eos_token_id = 49
+
+    def encode(self, text: str) -> list[int]:
+        return [(ord(c) - ord("a")) % 26 for c in text]
+
+    def decode(self, ids) -> str:
+        return "".join(chr(ord("a") + i % 26) for i in ids)
+
+    def apply_chat_template(self, messages) -> list[int]:
+        return self.encode("".join(m["role"] + m["content"] for m in messages))
+
+
+@pytest.fixture
+def served():
+    engine, executor, pool = make_engine(blocks=256)
+    app = build_app(ServerConfig("tiny", max_model_len=200), CharTokenizer(), engine)
+    with TestClient(app) as client:
+        yield client, engine, pool
+    engine.shutdown()
+
+
+def sse(response) -> list:
+    events = [line[len("data: "):] for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    return [json.loads(e) for e in events[:-1]]
+
+
+def test_completion(served):
+    client, _, pool = served
+    r = client.post("/v1/completions", json={"model": "tiny", "prompt": "hello", "max_tokens": 5, "ignore_eos": True})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "text_completion"
+    assert body["choices"][0]["text"] == "bcdef" and body["choices"][0]["finish_reason"] == "length"
+    assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 5, "total_tokens": 10}
+    assert pool.num_free_device_blocks == 256
+
+
+def test_streamed_completion_matches_and_reports_usage(served):
+    client, _, _ = served
+    with client.stream("POST", "/v1/completions", json={
+        "prompt": "hi", "max_tokens": 12, "stream": True, "stream_options": {"include_usage": True}}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        chunks = sse(r)
+    text = "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
+    assert text == "bcdefghijklm"
+    assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 12
+
+
+def test_chat_completion_streaming_and_not(served):
+    client, _, _ = served
+    msgs = [{"role": "user", "content": "hey"}]
+    r = client.post("/v1/chat/completions", json={"messages": msgs, "max_completion_tokens": 3})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"] == {"role": "assistant", "content": "bcd"}
+    with client.stream("POST", "/v1/chat/completions", json={"messages": msgs, "max_tokens": 3, "stream": True}) as r:
+        chunks = sse(r)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert "".join(c["choices"][0]["delta"]["content"] for c in chunks) == "bcd"
+
+
+def test_stop_string_cuts_the_text_and_ends_the_request(served):
+    client, _, pool = served
+    r = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 100, "stop": ["fg"]})
+    choice = r.json()["choices"][0]
+    assert choice["text"] == "bcde" and choice["finish_reason"] == "stop"
+    assert r.json()["usage"]["completion_tokens"] < 100
+    assert pool.num_free_device_blocks == 256
+
+
+@pytest.mark.parametrize(
+    "path, body, status, param",
+    [
+        ("/v1/completions", {"prompt": "a", "temperature": -1}, 400, "temperature"),
+        ("/v1/completions", {"prompt": "a", "n": 2}, 400, "n"),
+        ("/v1/completions", {"prompt": ""}, 400, "prompt"),
+        ("/v1/completions", {"prompt": "a", "max_tokens": 0}, 400, "max_tokens"),
+        ("/v1/completions", {"prompt": "a", "max_tokens": 500}, 400, "max_tokens"),
+        ("/v1/completions", {"prompt": "a", "model": "gpt-9"}, 404, "model"),
+        ("/v1/completions", {"max_tokens": 3}, 400, "prompt"),
+        ("/v1/chat/completions", {"messages": []}, 400, "messages"),
+        ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages.0.role"),
+    ],
+)
+def test_bad_requests_get_openai_errors(served, path, body, status, param):
+    client, _, pool = served
+    r = client.post(path, json=body)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["message"] and error["type"] and error["param"] == param
+    assert pool.num_free_device_blocks == 256
+
+
+def test_unknown_route_and_bad_json(served):
+    client, _, _ = served
+    r = client.get("/v2/everything")
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+    r = client.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "error" in r.json()
+
+
+def test_api_key_loading_and_full_queue():
+    engine, _, _ = make_engine()
+    try:
+        app = build_app(ServerConfig("tiny", 200, api_key="s3cret", max_queued=0), CharTokenizer(), None)
+        with TestClient(app) as client:
+            assert client.get("/health").status_code == 503
+            assert client.get("/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 503
+            app.state.engine = engine
+            assert client.get("/health").status_code == 200
+            assert client.get("/v1/models").status_code == 401
+            r = client.get("/v1/models", headers={"Authorization": "Bearer s3cret"})
+            assert r.json()["data"][0]["id"] == "tiny"
+            r = client.post("/v1/completions", json={"prompt": "a"}, headers={"Authorization": "Bearer s3cret"})
+            assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
+    finally:
+        engine.shutdown()
+
+
+def test_a_burst_of_good_and_bad_requests_leaves_no_blocks_behind(served):
+    client, engine, pool = served
+    for i in range(30):
+        body = {"prompt": "abc" * (i % 4 + 1), "max_tokens": 5 + i}
+        if i % 3 == 0:
+            body["temperature"] = 7  # invalid
+        r = client.post("/v1/completions", json=body)
+        assert r.status_code == (400 if i % 3 == 0 else 200)
+    sched = engine.loop.core.scheduler
+    assert not sched.has_work
+    pool.check_invariants(sched.live_requests())
+    assert pool.num_free_device_blocks == 256
+
+
+def test_client_that_leaves_mid_stream_frees_its_blocks():
+    engine, _, pool = make_engine(delay_s=0.01, blocks=256)
+    app = build_app(ServerConfig("tiny", max_model_len=1000), CharTokenizer(), engine)
+    try:
+        with TestClient(app) as client:
+            with client.stream("POST", "/v1/completions",
+                               json={"prompt": "a", "max_tokens": 900, "ignore_eos": True, "stream": True}) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        break  # leave after the first chunk
+        deadline = time.monotonic() + 3.0
+        while engine.loop.core.scheduler.has_work and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not engine.loop.core.scheduler.has_work
+        assert pool.num_free_device_blocks == 256
+    finally:
+        engine.shutdown()
