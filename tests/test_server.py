@@ -166,3 +166,19 @@ def test_client_that_leaves_mid_stream_frees_its_blocks():
         assert pool.num_free_device_blocks == 256
     finally:
         engine.shutdown()
+
+
+def test_prometheus_metrics_use_vllm_names(served):
+    client, _, _ = served
+    for _ in range(3):
+        client.post("/v1/completions", json={"prompt": "ab", "max_tokens": 4, "ignore_eos": True})
+    text = client.get("/metrics").text
+    for name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
+                 "vllm:time_to_first_token_seconds_bucket", "vllm:inter_token_latency_seconds_count",
+                 "vllm:e2e_request_latency_seconds_sum", "vllm:request_queue_time_seconds_count",
+                 "vllm:num_preemptions_total"):
+        assert name in text, name
+    assert 'vllm:generation_tokens_total{model_name="tiny"} 12.0' in text
+    assert 'vllm:prompt_tokens_total{model_name="tiny"} 6.0' in text
+    assert 'vllm:request_success_total{finished_reason="length",model_name="tiny"} 3.0' in text
+    assert 'vllm:inter_token_latency_seconds_count{model_name="tiny"} 9.0' in text

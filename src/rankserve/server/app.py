@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rankserve.core.request import FinishReason, Request
 from rankserve.engine.loop import AsyncEngine
+from rankserve.server.metrics import ServerMetrics
 from rankserve.server.protocol import ChatCompletionRequest, CompletionRequest, _SamplingFields
 from rankserve.server.text import TextStream, TextTokenizer
 
@@ -55,6 +56,7 @@ def build_app(config: ServerConfig, tokenizer: TextTokenizer, engine: AsyncEngin
     """The app; ``app.state.engine`` may be set later (503 until then, e.g. while loading)."""
     app = FastAPI(title="rankserve", version="0.1.0")
     app.state.engine = engine
+    metrics = ServerMetrics(config.model_name)
 
     @app.exception_handler(APIError)
     async def _api_error(_: HTTPRequest, exc: APIError) -> JSONResponse:
@@ -106,6 +108,8 @@ def build_app(config: ServerConfig, tokenizer: TextTokenizer, engine: AsyncEngin
         try:
             outputs = engine.generate(req)
             async for out in outputs:
+                if out.finished:
+                    metrics.observe_finished(req)
                 delta = stream.push(out.new_token_ids, final=out.finished)
                 if stream.stopped and not out.finished:
                     engine.loop.finish(req.request_id, FinishReason.STOP)
@@ -169,6 +173,12 @@ def build_app(config: ServerConfig, tokenizer: TextTokenizer, engine: AsyncEngin
         if app.state.engine is None:
             raise APIError(503, "the model is loading", "service_unavailable")
         return Response(status_code=200)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        engine = app.state.engine
+        body = metrics.render(engine.loop.core.scheduler if engine is not None else None)
+        return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/v1/models")
     async def models(http: HTTPRequest) -> dict:

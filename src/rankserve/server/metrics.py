@@ -1,0 +1,66 @@
+"""Prometheus metrics under vLLM's names, so gateways and dashboards built for vLLM read them."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from rankserve.core.request import Request, RequestStatus
+from rankserve.core.scheduler import Scheduler
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
+_TOKEN_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
+
+
+class ServerMetrics:
+    def __init__(self, model_name: str) -> None:
+        self.registry = CollectorRegistry()
+        labels = ["model_name"]
+        self._label = {"model_name": model_name}
+
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(name, doc, labels, registry=self.registry)
+
+        def histogram(name: str, doc: str, buckets: tuple) -> Histogram:
+            return Histogram(name, doc, labels, buckets=buckets, registry=self.registry)
+
+        def counter(name: str, doc: str) -> Counter:
+            return Counter(name, doc, labels, registry=self.registry)
+
+        self.running = gauge("vllm:num_requests_running", "Requests in the running batch.")
+        self.waiting = gauge("vllm:num_requests_waiting", "Requests queued (new or preempted).")
+        self.kv_usage = gauge("vllm:kv_cache_usage_perc", "Fraction of device KV blocks in use (0-1).")
+        self.ttft = histogram("vllm:time_to_first_token_seconds", "Time to first token.", _LATENCY_BUCKETS)
+        self.itl = histogram("vllm:inter_token_latency_seconds", "Time between output tokens.", _TOKEN_BUCKETS)
+        self.e2e = histogram("vllm:e2e_request_latency_seconds", "End-to-end request latency.", _LATENCY_BUCKETS)
+        self.queue = histogram("vllm:request_queue_time_seconds", "Arrival to first scheduling.", _LATENCY_BUCKETS)
+        self.prompt_tokens = counter("vllm:prompt_tokens", "Prompt tokens of finished requests.")
+        self.generation_tokens = counter("vllm:generation_tokens", "Output tokens of finished requests.")
+        self.preemptions = counter("vllm:num_preemptions", "Requests taken out of the running batch.")
+        self.success = Counter("vllm:request_success", "Requests ended, by finish reason.",
+                               labels + ["finished_reason"], registry=self.registry)
+
+    def observe_finished(self, req: Request) -> None:
+        """Record a request that has ended (finished or aborted)."""
+        label = self._label
+        reason = req.finish_reason.value if req.finish_reason else "unknown"
+        self.success.labels(finished_reason=reason, **label).inc()
+        self.prompt_tokens.labels(**label).inc(req.prompt_len)
+        self.generation_tokens.labels(**label).inc(req.num_output_tokens)
+        self.preemptions.labels(**label).inc(req.num_preemptions)
+        if req.status is not RequestStatus.FINISHED or req.first_token_time is None:
+            return
+        self.ttft.labels(**label).observe(req.first_token_time - req.arrival_time)
+        self.e2e.labels(**label).observe(req.finished_time - req.arrival_time)
+        if req.first_scheduled_time is not None:
+            self.queue.labels(**label).observe(req.first_scheduled_time - req.arrival_time)
+        itl = self.itl.labels(**label)
+        for earlier, later in zip(req.token_times, req.token_times[1:]):
+            itl.observe(later - earlier)
+
+    def render(self, scheduler: Scheduler | None) -> bytes:
+        """The exposition text; the scheduler's gauges are read at scrape time."""
+        if scheduler is not None:
+            self.running.labels(**self._label).set(len(scheduler.running))
+            self.waiting.labels(**self._label).set(scheduler.num_queued)
+            self.kv_usage.labels(**self._label).set(scheduler.blocks.device_usage)
+        return generate_latest(self.registry)
