@@ -1,0 +1,380 @@
+"""The Llama-family forward (Llama, SmolLM2, Qwen2) in plain torch, with a paged KV cache.
+
+The KV cache is one tensor pool ``[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]``
+(index 0 on dim 1 holds keys, 1 values). A sequence owns the blocks listed in its block table, as the
+core ``BlockManager`` hands them out: token ``p`` of the sequence lives in block ``table[p // bs]`` at
+offset ``p % bs``.
+
+``LlamaModel.forward`` runs a *mixed batch* in one pass: every sequence brings its new tokens (a prefill
+chunk of any length or one decode token), how many of its tokens are already in the cache, and its block
+table. The matmuls run over all new tokens of all sequences at once; attention runs per prefill sequence
+and once, padded, for all decode sequences. It returns the logits of each sequence's last new token.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
+_ATTN_SCORE_BUDGET = 1 << 24  # float32 attention scores per prefill piece (64 MB)
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # {"rope_type": "llama3" | "linear" | "default", ...}
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 4096
+    model_type: str = "llama"
+
+    @classmethod
+    def from_hf(cls, d: dict) -> LlamaConfig:
+        """Read a Hugging Face ``config.json`` dict (transformers 4.x or 5.x spelling)."""
+        model_type = d.get("model_type", "llama")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"model_type '{model_type}' is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+            )
+        if d.get("use_sliding_window"):
+            raise ValueError("sliding-window attention is not supported")
+        if d.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act '{d['hidden_act']}' is not supported (only silu)")
+        # transformers 5 folds rope_theta and rope_scaling into rope_parameters.
+        rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+        theta = rope.pop("rope_theta", None) or d.get("rope_theta") or 10000.0
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "llama3", "linear"):
+            raise ValueError(f"rope type '{rope_type}' is not supported (default, linear, llama3)")
+        heads = d["num_attention_heads"]
+        return cls(
+            vocab_size=d["vocab_size"],
+            hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"],
+            num_layers=d["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=d.get("num_key_value_heads") or heads,
+            head_dim=d.get("head_dim") or d["hidden_size"] // heads,
+            rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta),
+            rope_scaling=None if rope_type == "default" else {**rope, "rope_type": rope_type},
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            max_position_embeddings=d.get("max_position_embeddings", 4096),
+            model_type=model_type,
+        )
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> LlamaConfig:
+        return cls.from_hf(json.loads((Path(path) / "config.json").read_text()))
+
+    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * itemsize
+
+
+def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    s = cfg.rope_scaling
+    if s is None:
+        return inv_freq
+    if s["rope_type"] == "linear":
+        return inv_freq / s["factor"]
+    # Llama 3: long wavelengths slowed by ``factor``, short ones kept, a smooth blend between.
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_ctx = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_ctx / high) & ~(wavelen > old_ctx / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+@dataclass
+class SeqInput:
+    """One sequence of a batch: its new tokens, its cached-token count, its block table."""
+
+    token_ids: Sequence[int]
+    num_computed: int
+    block_table: Sequence[int]
+
+
+@dataclass
+class ForwardOutput:
+    logits: torch.Tensor  # [num_seqs, vocab], float32: the last new token of each sequence
+    hidden_mean: torch.Tensor | None = None  # [num_seqs, hidden], float32: mean over new tokens
+    hidden_last: torch.Tensor | None = None  # [num_seqs, hidden], float32: the last new token
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    dtype = x.dtype
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(dtype)
+
+
+def _attend(q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """Softmax attention with scores in float32. q [..., R, D], k_t [..., D, ctx], v [..., ctx, D],
+    mask broadcastable to [..., R, ctx] (True = attend). (Faster than CPU SDPA for bf16.)"""
+    scores = torch.matmul(q, k_t).float() * scale
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(scores.softmax(-1).to(v.dtype), v)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class _Layer:
+    __slots__ = ("bo", "bqkv", "ln1", "ln2", "wdown", "wgu", "wo", "wqkv")
+
+
+class LlamaModel:
+    """Weights as plain tensors and a forward over a paged KV cache. Inference only."""
+
+    def __init__(
+        self,
+        cfg: LlamaConfig,
+        weights: dict[str, torch.Tensor],
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        self.cfg = cfg
+        self.dtype = dtype
+        self.device = torch.device(device)
+
+        def w(name: str) -> torch.Tensor:
+            if name not in weights:
+                raise KeyError(f"weight '{name}' missing from the checkpoint")
+            return weights[name].to(device=self.device, dtype=dtype).contiguous()
+
+        def opt(name: str) -> torch.Tensor | None:
+            return w(name) if name in weights else None
+
+        self.embed = w("model.embed_tokens.weight")
+        self.norm = w("model.norm.weight")
+        if cfg.tie_word_embeddings or "lm_head.weight" not in weights:
+            self.lm_head = self.embed
+        else:
+            self.lm_head = w("lm_head.weight")
+        self.layers: list[_Layer] = []
+        for i in range(cfg.num_layers):
+            p = f"model.layers.{i}."
+            layer = _Layer()
+            layer.ln1 = w(p + "input_layernorm.weight")
+            layer.ln2 = w(p + "post_attention_layernorm.weight")
+            a = p + "self_attn."
+            layer.wqkv = torch.cat([w(a + "q_proj.weight"), w(a + "k_proj.weight"), w(a + "v_proj.weight")])
+            biases = [opt(a + f"{n}_proj.bias") for n in "qkv"]
+            if any(b is not None for b in biases):  # qwen2: q/k/v biases
+                sizes = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim)
+                biases = [b if b is not None else torch.zeros(n, dtype=dtype, device=self.device) for b, n in zip(biases, sizes)]
+                layer.bqkv = torch.cat(biases)
+            else:
+                layer.bqkv = None
+            layer.wo = w(a + "o_proj.weight")
+            layer.bo = opt(a + "o_proj.bias")
+            m = p + "mlp."
+            layer.wgu = torch.cat([w(m + "gate_proj.weight"), w(m + "up_proj.weight")])
+            layer.wdown = w(m + "down_proj.weight")
+            self.layers.append(layer)
+        self.inv_freq = rope_inv_freq(cfg).to(self.device)
+
+    # ---- construction ----------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    ) -> LlamaModel:
+        """Load from a Hugging Face directory: config.json + *.safetensors."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        cfg = LlamaConfig.from_dir(path)
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"no *.safetensors file in {path}")
+        weights: dict[str, torch.Tensor] = {}
+        for f in files:
+            weights.update(load_file(str(f)))
+        return cls(cfg, weights, dtype=dtype, device=device)
+
+    def allocate_kv_cache(
+        self, num_blocks: int, block_size: int, device: str | torch.device | None = None
+    ) -> torch.Tensor:
+        """A zeroed pool [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]."""
+        c = self.cfg
+        shape = (c.num_layers, 2, num_blocks, block_size, c.num_kv_heads, c.head_dim)
+        return torch.zeros(shape, dtype=self.dtype, device=self.device if device is None else device)
+
+    # ---- forward ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(
+        self,
+        seqs: Sequence[SeqInput],
+        kv_cache: torch.Tensor,
+        hidden_layer: int | None = None,
+    ) -> ForwardOutput:
+        """Run one mixed batch; write its new K/V into ``kv_cache``; return last-token logits.
+
+        ``hidden_layer`` k taps the residual stream after decoder layer k (0 = the embeddings,
+        as in Hugging Face's ``hidden_states[k]``, but the last layer's is taken before the final norm).
+        """
+        cfg = self.cfg
+        if not seqs:
+            raise ValueError("empty batch")
+        if kv_cache.dtype != self.dtype or kv_cache.device != self.device:
+            raise ValueError(f"kv_cache must be {self.dtype} on {self.device}")
+        num_blocks, bs = kv_cache.shape[2], kv_cache.shape[3]
+        dev = self.device
+        if hidden_layer is not None and not 0 <= hidden_layer <= cfg.num_layers:
+            raise ValueError(f"hidden_layer must be in [0, {cfg.num_layers}]")
+
+        # Token layout, positions, cache slots (shared by every layer).
+        ids: list[int] = []
+        positions: list[int] = []
+        lens: list[int] = []
+        ctx_slots: list[torch.Tensor] = []
+        offs = torch.arange(bs)
+        for s in seqs:
+            n = len(s.token_ids)
+            if n == 0:
+                raise ValueError("every sequence needs at least one new token")
+            ctx = s.num_computed + n
+            if len(s.block_table) * bs < ctx:
+                raise ValueError(f"block table of {len(s.block_table)} blocks cannot hold {ctx} tokens")
+            ids.extend(s.token_ids)
+            positions.extend(range(s.num_computed, ctx))
+            lens.append(n)
+            table = torch.as_tensor(list(s.block_table), dtype=torch.long)
+            ctx_slots.append((table[:, None] * bs + offs).flatten()[:ctx])
+        ids_t = torch.tensor(ids, dtype=torch.long, device=dev)
+        pos_t = torch.tensor(positions, dtype=torch.long)
+        new_slots = torch.cat([cs[s.num_computed :] for cs, s in zip(ctx_slots, seqs)]).to(dev)
+        starts = [0]
+        for n in lens:
+            starts.append(starts[-1] + n)
+
+        # Decode sequences (one new token) share one padded attention call.
+        dec = [i for i, n in enumerate(lens) if n == 1]
+        pre = [i for i, n in enumerate(lens) if n > 1]
+        if dec:
+            max_ctx = max(len(ctx_slots[i]) for i in dec)
+            dec_slots = torch.zeros(len(dec), max_ctx, dtype=torch.long)
+            dec_mask = torch.zeros(len(dec), max_ctx, dtype=torch.bool)
+            for j, i in enumerate(dec):
+                dec_slots[j, : len(ctx_slots[i])] = ctx_slots[i]
+                dec_mask[j, : len(ctx_slots[i])] = True
+            dec_slots = dec_slots.to(dev)
+            dec_mask = dec_mask.to(dev)[:, None, None, :]  # [B, 1, 1, ctx]
+            dec_rows = torch.tensor([starts[i] for i in dec], dtype=torch.long, device=dev)
+        pre_masks = {}
+        for i in pre:
+            ctx = len(ctx_slots[i])
+            q_pos = torch.arange(ctx - lens[i], ctx)
+            # Rows ordered (token, query head in the group), as the grouped queries are laid out.
+            mask = torch.arange(ctx)[None, :] <= q_pos[:, None]  # [n, ctx]
+            pre_masks[i] = mask.repeat_interleave(cfg.num_heads // cfg.num_kv_heads, dim=0).to(dev)
+            ctx_slots[i] = ctx_slots[i].to(dev)
+
+        # RoPE tables, computed in float32 like Hugging Face, then cast.
+        freqs = pos_t.float()[:, None] * self.inv_freq.cpu()[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = emb.cos().to(dev, self.dtype)[:, None, :]  # [T, 1, D]
+        sin = emb.sin().to(dev, self.dtype)[:, None, :]
+
+        H, KV, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        G = H // KV  # query heads per KV head; query head h reads KV head h // G
+        T = len(ids)
+        scale = 1.0 / math.sqrt(D)
+        x = self.embed[ids_t]
+        last_rows = torch.tensor([starts[i + 1] - 1 for i in range(len(seqs))], device=dev)
+        hidden = x if hidden_layer == 0 else None
+        for li, layer in enumerate(self.layers):
+            h = _rms_norm(x, layer.ln1, cfg.rms_norm_eps)
+            qkv = F.linear(h, layer.wqkv, layer.bqkv)
+            q = qkv[:, : H * D].view(T, H, D)
+            k = qkv[:, H * D : (H + KV) * D].view(T, KV, D)
+            v = qkv[:, (H + KV) * D :].view(T, KV, D)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            k_pool = kv_cache[li, 0].view(num_blocks * bs, KV, D)
+            v_pool = kv_cache[li, 1].view(num_blocks * bs, KV, D)
+            k_pool[new_slots] = k
+            v_pool[new_slots] = v
+
+            attn = torch.empty(T, H, D, dtype=self.dtype, device=dev)
+            for i in pre:
+                a, b = starts[i], starts[i + 1]
+                kc = k_pool[ctx_slots[i]].permute(1, 2, 0)  # [KV, D, ctx]
+                vc = v_pool[ctx_slots[i]].transpose(0, 1)  # [KV, ctx, D]
+                # Query rows in pieces so the float32 scores stay under ~64 MB.
+                step = max(1, _ATTN_SCORE_BUDGET // (H * kc.shape[-1]))
+                for c in range(a, b, step):
+                    e = min(c + step, b)
+                    qp = q[c:e].view(e - c, KV, G, D).permute(1, 0, 2, 3).reshape(KV, (e - c) * G, D)
+                    m = pre_masks[i][(c - a) * G : (e - a) * G]
+                    o = _attend(qp, kc, vc, m, scale)  # [KV, rows*G, D]
+                    attn[c:e] = o.view(KV, e - c, G, D).permute(1, 0, 2, 3).reshape(e - c, H, D)
+            if dec:
+                kc = k_pool[dec_slots].permute(0, 2, 3, 1)  # [B, KV, D, ctx]
+                vc = v_pool[dec_slots].transpose(1, 2)  # [B, KV, ctx, D]
+                qd = q[dec_rows].view(len(dec), KV, G, D)
+                o = _attend(qd, kc, vc, dec_mask, scale)  # [B, KV, G, D]
+                attn[dec_rows] = o.reshape(len(dec), H, D)
+
+            x = x + F.linear(attn.view(T, H * D), layer.wo, layer.bo)
+            h = _rms_norm(x, layer.ln2, cfg.rms_norm_eps)
+            gu = F.linear(h, layer.wgu)
+            gate, up = gu.chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, layer.wdown)
+            if hidden_layer == li + 1:
+                hidden = x
+
+        last = _rms_norm(x[last_rows], self.norm, cfg.rms_norm_eps)
+        logits = F.linear(last, self.lm_head).float()
+        out = ForwardOutput(logits=logits)
+        if hidden is not None:
+            hf = hidden.float()
+            out.hidden_last = hf[last_rows]
+            out.hidden_mean = torch.stack([hf[starts[i] : starts[i + 1]].mean(0) for i in range(len(seqs))])
+        return out
+
+
+def copy_blocks(pairs: Sequence[tuple[int, int]], src_pool: torch.Tensor, dst_pool: torch.Tensor) -> None:
+    """Copy whole blocks ``src -> dst`` between pools (swap out: device -> host; swap in: back).
+
+    Both pools have the layout [num_layers, 2, num_blocks, block_size, kv_heads, head_dim]; they may
+    live on different devices and have different block counts.
+    """
+    if not pairs:
+        return
+    src = torch.tensor([p[0] for p in pairs], dtype=torch.long, device=src_pool.device)
+    dst = torch.tensor([p[1] for p in pairs], dtype=torch.long, device=dst_pool.device)
+    dst_pool[:, :, dst] = src_pool[:, :, src].to(dst_pool.device, dst_pool.dtype)
+
+
+def swap_blocks(
+    swap_out: Sequence[tuple[int, int]],
+    swap_in: Sequence[tuple[int, int]],
+    device_pool: torch.Tensor,
+    host_pool: torch.Tensor,
+) -> None:
+    """A step's swaps in the order the scheduler promises: every swap-out before any swap-in."""
+    copy_blocks(swap_out, device_pool, host_pool)
+    copy_blocks(swap_in, host_pool, device_pool)

