@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install serve demo test bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,6 +14,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Serve the embedded SmolLM2-135M-Instruct on http://127.0.0.1:8000 (OpenAI-compatible).
+serve: $(STAMP)
+	$(BIN)/rankserve serve
 
 # Simulated comparison of scheduling policies on an A100 running Llama-3-8B (ShareGPT, Poisson).
 demo: $(STAMP)

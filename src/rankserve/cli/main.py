@@ -1,4 +1,4 @@
-"""``rankserve simulate`` and ``rankserve sweep``.
+"""``rankserve simulate``, ``rankserve sweep`` and ``rankserve serve``.
 
 A bad flag value ends in one line naming the flag (argparse's usual ``error: argument --flag:``),
 never a traceback.
@@ -52,6 +52,20 @@ def _rate(text: str) -> float:
     value = float(text)
     if not value > 0:
         raise ValueError(f"must be > 0 (or inf for a burst), got {text}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise ValueError(f"must be a port number in 1..65535, got {text}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise ValueError(f"must be >= 0, got {text}")
     return value
 
 
@@ -127,6 +141,29 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--out", type=Path, default=Path("out/sweep"), help="directory for sweep.md/.json/.png")
     sw.add_argument("--workers", type=_checked(_positive_int), default=2, help="parallel processes")
     sw.set_defaults(run=cmd_sweep, parser=sw)
+
+    sv = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
+    sv.add_argument("--model", default=None,
+                    help="a local Hugging Face directory (Llama, Qwen2); default: the embedded SmolLM2-135M-Instruct")
+    sv.add_argument("--served-model-name", default=None, help="the model name clients use (default: the model's)")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=_checked(_port), default=8000)
+    sv.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    sv.add_argument("--policy", choices=POLICY_NAMES, default="fcfs")
+    # Oracle predictors need known output lengths, which live requests do not have.
+    sv.add_argument("--predictor", choices=("prompt-len",), default=None,
+                    help="length predictor for sjf/srpt/ltr/trail")
+    sv.add_argument("--max-num-seqs", type=_checked(_positive_int), default=32)
+    sv.add_argument("--max-num-batched-tokens", type=_checked(_positive_int), default=1024)
+    sv.add_argument("--kv-cache-gb", type=_checked(_rate), default=2.0, help="device KV cache size (GiB)")
+    sv.add_argument("--swap-space-gb", type=_checked(_non_negative), default=4.0, help="host swap space (GiB)")
+    sv.add_argument("--preemption-mode", choices=("swap", "recompute"), default="swap")
+    sv.add_argument("--max-model-len", type=_checked(_positive_int), default=None)
+    sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    sv.add_argument("--max-queued", type=_checked(_positive_int), default=4096,
+                    help="answer 429 beyond this many waiting requests")
+    sv.add_argument("--seed", type=int, default=0)
+    sv.set_defaults(run=cmd_serve, parser=sv)
     return parser
 
 
@@ -217,6 +254,26 @@ def cmd_sweep(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         print(f"wrote {args.out / 'sweep.md'}, {args.out / 'sweep.json'}, {args.out / 'sweep.png'}")
     else:
         print(f"wrote {args.out / 'sweep.md'}, {args.out / 'sweep.json'}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from rankserve.core.policies import POLICIES
+    from rankserve.model.loader import ModelNotFoundError
+    from rankserve.server.serve import EngineSettings, serve
+
+    if POLICIES[args.policy].needs_prediction and args.predictor is None:
+        parser.error(f"argument --predictor: policy '{args.policy}' needs a length predictor (--predictor prompt-len)")
+    settings = EngineSettings(
+        model=args.model, dtype=args.dtype, policy=args.policy, predictor=args.predictor,
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        kv_cache_gb=args.kv_cache_gb, swap_space_gb=args.swap_space_gb,
+        preemption_mode=args.preemption_mode, max_model_len=args.max_model_len, seed=args.seed,
+    )
+    try:
+        serve(settings, args.host, args.port, args.api_key, args.max_queued, args.served_model_name)
+    except (ModelNotFoundError, ValueError) as exc:
+        parser.error(f"argument --model: {exc}")
     return 0
 
 

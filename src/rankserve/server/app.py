@@ -52,9 +52,11 @@ def _finish_reason(reason: FinishReason | None, stopped_by_text: bool) -> str | 
     return "abort" if reason is FinishReason.ABORT else None
 
 
-def build_app(config: ServerConfig, tokenizer: TextTokenizer, engine: AsyncEngine | None = None) -> FastAPI:
-    """The app; ``app.state.engine`` may be set later (503 until then, e.g. while loading)."""
+def build_app(config: ServerConfig, tokenizer: TextTokenizer | None, engine: AsyncEngine | None = None) -> FastAPI:
+    """The app; ``app.state.tokenizer`` and then ``app.state.engine`` may be set later (503 until
+    the engine is there, e.g. while the model loads)."""
     app = FastAPI(title="rankserve", version="0.1.0")
+    app.state.tokenizer = tokenizer
     app.state.engine = engine
     metrics = ServerMetrics(config.model_name)
 
@@ -95,7 +97,7 @@ def build_app(config: ServerConfig, tokenizer: TextTokenizer, engine: AsyncEngin
             raise APIError(400, f"prompt of {len(prompt_ids)} tokens{asked} exceeds the context length "
                            f"of {config.max_model_len}", param="max_tokens", code="context_length_exceeded")
         try:
-            sampling = body.sampling(max_tokens or room, tokenizer.eos_token_id)
+            sampling = body.sampling(max_tokens or room, app.state.tokenizer.eos_token_id)
         except ValueError as exc:
             raise APIError(400, str(exc)) from None
         return Request(prompt_ids, sampling, priority=body.priority, request_id=f"cmpl-{uuid.uuid4().hex}")
@@ -128,7 +130,7 @@ def build_app(config: ServerConfig, tokenizer: TextTokenizer, engine: AsyncEngin
         return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
     async def _respond(engine: AsyncEngine, body: _SamplingFields, req: Request, chat: bool) -> Response:
-        stream = TextStream(tokenizer, body.stop or ())
+        stream = TextStream(app.state.tokenizer, body.stop or ())
         created = int(time.time())
         head = {"id": req.request_id, "created": created, "model": config.model_name}
         gen = _run(engine, req, stream)
@@ -190,7 +192,7 @@ def build_app(config: ServerConfig, tokenizer: TextTokenizer, engine: AsyncEngin
     async def completions(body: CompletionRequest, http: HTTPRequest) -> Response:
         engine = _ready(http)
         _check_model(body.model)
-        ids = tokenizer.encode(body.prompt) if isinstance(body.prompt, str) else list(body.prompt)
+        ids = app.state.tokenizer.encode(body.prompt) if isinstance(body.prompt, str) else list(body.prompt)
         if not ids:
             raise APIError(400, "prompt has no tokens", param="prompt")
         return await _respond(engine, body, _make_request(body, ids, body.max_tokens), chat=False)
@@ -199,7 +201,7 @@ def build_app(config: ServerConfig, tokenizer: TextTokenizer, engine: AsyncEngin
     async def chat_completions(body: ChatCompletionRequest, http: HTTPRequest) -> Response:
         engine = _ready(http)
         _check_model(body.model)
-        ids = tokenizer.apply_chat_template([m.model_dump() for m in body.messages])
+        ids = app.state.tokenizer.apply_chat_template([m.model_dump() for m in body.messages])
         return await _respond(engine, body, _make_request(body, ids, body.requested_max_tokens), chat=True)
 
     return app

@@ -1,0 +1,129 @@
+"""``rankserve serve``: load a model, build the engine around the one scheduler, run the app.
+
+The app answers 503 while the model loads in the background, then serves.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from rankserve.core.block_manager import BlockManager
+from rankserve.core.policies import make_policy
+from rankserve.core.scheduler import Scheduler, SchedulerConfig
+from rankserve.engine.core import EngineCore
+from rankserve.engine.loop import AsyncEngine, WallClock
+from rankserve.predict import make_predictor
+
+log = logging.getLogger(__name__)
+GiB = 1 << 30
+
+
+class HFTextTokenizer:
+    """transformers' tokenizer behind the server's TextTokenizer protocol."""
+
+    def __init__(self, tokenizer) -> None:
+        self._tok = tokenizer
+        self.eos_token_id: int | None = tokenizer.eos_token_id
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._tok(text)["input_ids"])
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=True)
+
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
+        ids = self._tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+@dataclass
+class EngineSettings:
+    model: str | None = None  # None: the embedded SmolLM2-135M-Instruct
+    dtype: str = "bfloat16"  # or "float32"
+    policy: str = "fcfs"
+    predictor: str | None = None
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 1024
+    block_size: int = 16
+    kv_cache_gb: float = 2.0
+    swap_space_gb: float = 4.0
+    preemption_mode: str = "swap"
+    max_model_len: int | None = None
+    seed: int = 0
+
+
+@dataclass
+class LoadedEngine:
+    engine: AsyncEngine
+    tokenizer: HFTextTokenizer
+    model_name: str
+    max_model_len: int
+
+
+def load_engine(settings: EngineSettings) -> LoadedEngine:
+    """Load the model and build scheduler, executor, engine loop. Raises on a bad setting."""
+    import torch
+
+    from rankserve.model.loader import load_model, load_tokenizer
+    from rankserve.model.runner import ModelExecutor
+
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[settings.dtype]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    files, model = load_model(settings.model, dtype=dtype, device=device)
+    per_block = model.cfg.kv_bytes_per_token(dtype) * settings.block_size
+    device_blocks = int(settings.kv_cache_gb * GiB // per_block)
+    host_blocks = int(settings.swap_space_gb * GiB // per_block)
+    if device_blocks < 1:
+        raise ValueError(f"--kv-cache-gb {settings.kv_cache_gb} holds no KV block")
+    max_len = min(model.cfg.max_position_embeddings, device_blocks * settings.block_size)
+    if settings.max_model_len is not None:
+        max_len = min(max_len, settings.max_model_len)
+    clock = WallClock()
+    config = SchedulerConfig(
+        max_num_seqs=settings.max_num_seqs,
+        max_num_batched_tokens=settings.max_num_batched_tokens,
+        preemption_mode=settings.preemption_mode,
+        max_model_len=max_len,
+    )
+    blocks = BlockManager(device_blocks, host_blocks, settings.block_size)
+    scheduler = Scheduler(config, make_policy(settings.policy), blocks, clock)
+    executor = ModelExecutor(model, device_blocks, host_blocks, settings.block_size, seed=settings.seed)
+    predictor = make_predictor(settings.predictor) if settings.predictor else None
+    engine = AsyncEngine(EngineCore(scheduler, executor, predictor))
+    log.info("serving %s: %d KV blocks of %d tokens on %s, %d host blocks, context %d",
+             files.name, device_blocks, settings.block_size, device, host_blocks, max_len)
+    return LoadedEngine(engine, HFTextTokenizer(load_tokenizer(files)), files.name, max_len)
+
+
+def serve(settings: EngineSettings, host: str, port: int, api_key: str | None, max_queued: int,
+          served_model_name: str | None = None) -> None:
+    """Run the server until interrupted."""
+    import uvicorn
+
+    from rankserve.model.loader import load_model_dir
+    from rankserve.server.app import ServerConfig, build_app
+
+    files = load_model_dir(settings.model)  # fails fast (with the install hint) if missing
+    name = served_model_name or files.name
+    config = ServerConfig(name, max_model_len=settings.max_model_len or 1, api_key=api_key, max_queued=max_queued)
+    app = build_app(config, tokenizer=None, engine=None)
+
+    def load() -> None:
+        try:
+            loaded = load_engine(settings)
+        except Exception:
+            log.exception("loading the model failed")
+            return
+        config.max_model_len = loaded.max_model_len
+        app.state.tokenizer = loaded.tokenizer
+        app.state.engine = loaded.engine
+
+    threading.Thread(target=load, name="rankserve-load", daemon=True).start()
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="info")
+    finally:
+        if app.state.engine is not None:
+            app.state.engine.shutdown()

@@ -1,0 +1,87 @@
+"""The real server (embedded SmolLM2, uvicorn on loopback) driven by the official openai client."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+uvicorn = pytest.importorskip("uvicorn")
+
+
+@pytest.fixture(scope="module")
+def server():
+    from rankserve.model.loader import ModelNotFoundError
+    from rankserve.server.app import ServerConfig, build_app
+    from rankserve.server.serve import EngineSettings, load_engine
+
+    try:
+        loaded = load_engine(EngineSettings(dtype="float32", kv_cache_gb=0.25, swap_space_gb=0.25, max_num_seqs=8))
+    except ModelNotFoundError as exc:
+        pytest.skip(str(exc))
+    app = build_app(ServerConfig(loaded.model_name, loaded.max_model_len), loaded.tokenizer, loaded.engine)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not uv.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60)
+    yield client, loaded
+    uv.should_exit = True
+    thread.join(10)
+    loaded.engine.shutdown()
+
+
+def test_models(server):
+    client, loaded = server
+    assert [m.id for m in client.models.list().data] == [loaded.model_name]
+
+
+def test_completion_and_its_stream_agree(server):
+    client, _ = server
+    args = dict(model="smollm2-135m-instruct", prompt="The three primary colours are", max_tokens=12, temperature=0)
+    full = client.completions.create(**args)
+    assert full.usage.completion_tokens == 12 and full.choices[0].finish_reason == "length"
+    streamed = "".join(c.choices[0].text for c in client.completions.create(**args, stream=True) if c.choices)
+    assert streamed == full.choices[0].text and len(streamed.strip()) > 0
+
+
+def test_chat_and_its_stream_agree(server):
+    client, _ = server
+    messages = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
+    full = client.chat.completions.create(model="smollm2-135m-instruct", messages=messages, max_tokens=40,
+                                          temperature=0)
+    text = full.choices[0].message.content
+    assert "Paris" in text and full.choices[0].finish_reason == "stop"
+    chunks = client.chat.completions.create(model="smollm2-135m-instruct", messages=messages, max_tokens=40,
+                                            temperature=0, stream=True, stream_options={"include_usage": True})
+    parts, usage = [], None
+    for chunk in chunks:
+        if chunk.choices:
+            parts.append(chunk.choices[0].delta.content or "")
+        if chunk.usage:
+            usage = chunk.usage
+    assert "".join(parts) == text and usage.completion_tokens == full.usage.completion_tokens
+
+
+def test_seeded_sampling_repeats_and_errors_are_typed(server):
+    client, loaded = server
+    args = dict(model="smollm2-135m-instruct", prompt="Write a word:", max_tokens=8, temperature=1.0, seed=42)
+    assert client.completions.create(**args).choices[0].text == client.completions.create(**args).choices[0].text
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="smollm2-135m-instruct", prompt="x", max_tokens=10**6)
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="gpt-4", prompt="x")
+    scheduler = loaded.engine.loop.core.scheduler
+    assert not scheduler.has_work
+    scheduler.blocks.check_invariants(scheduler.live_requests())
+    assert scheduler.blocks.num_free_device_blocks == scheduler.blocks.device.num_blocks
