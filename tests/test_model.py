@@ -422,3 +422,18 @@ def test_sampler():
     assert seeded[0] == seeded[1]
     draws = {Sampler(seed=i).sample(logits, Request([0], SamplingParams(top_k=2))) for i in range(40)}
     assert draws == {1, 2}
+
+
+def test_sampler_keeps_stop_tokens_out_until_min_tokens():
+    from rankserve.core import Request, SamplingParams
+    from rankserve.model.runner import Sampler
+
+    logits = torch.tensor([0.0, 3.0, 2.9, -1.0, 1.0])  # token 1 (the stop token) is the argmax
+    params = SamplingParams(max_tokens=10, min_tokens=2, temperature=0.0, stop_token_ids=(1,))
+    req = Request([0], params)
+    assert Sampler().sample(logits, req) == 2  # 0 tokens out < 2: the stop token is masked
+    req.record_token(2, 0.0)
+    req.record_token(2, 0.1)
+    assert Sampler().sample(logits, req) == 1  # min_tokens reached: it may stop now
+    ignoring = Request([0], SamplingParams(max_tokens=10, min_tokens=5, temperature=0.0))
+    assert Sampler().sample(logits, ignoring) == 1  # no stop tokens to mask

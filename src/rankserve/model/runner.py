@@ -46,6 +46,10 @@ class Sampler:
     def sample(self, logits: torch.Tensor, req: Request) -> int:
         sp: SamplingParams = req.sampling
         logits = logits.float()
+        if len(req.output_token_ids) < sp.min_tokens and sp.stop_token_ids:
+            # Too early to stop: stop tokens (EOS among them) cannot be sampled.
+            logits = logits.clone()
+            logits[[t for t in sp.stop_token_ids if t < logits.shape[-1]]] = float("-inf")
         if sp.repetition_penalty != 1.0:
             seen = torch.tensor(sorted(set(req.prompt_token_ids) | set(req.output_token_ids)), dtype=torch.long)
             seen = seen[seen < logits.shape[-1]]
