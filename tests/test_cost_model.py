@@ -232,14 +232,12 @@ def test_roofline_rejects_impossible_setups() -> None:
 # ---- the CPU placeholder -------------------------------------------------------------------
 
 
-def test_cpu_placeholder_matches_reference_measurements() -> None:
+def test_cpu_calibration_matches_the_engine_at_small_batches() -> None:
     model = get_cost_model("cpu-smollm2-135m")
-    # 128 in / 128 out: mean context during decode ~192 tokens.
-    tpot1 = ms(model, StepShape.decode(1, 192))
-    tpot64 = ms(model, StepShape.decode(64, 192))
-    assert 25.0 <= tpot1 <= 35.0  # ~30 ms, ~36 tok/s
-    assert 65.0 <= tpot64 <= 85.0  # ~75 ms
-    assert 350 <= 16 / (ms(model, StepShape.decode(16, 192)) / 1e3) <= 470  # ~410 tok/s
+    # docs/ENGINE.md measured a batch-1 decode step of 38.7 ms at ~192 tokens of context.
+    assert 30.0 <= ms(model, StepShape.decode(1, 192)) <= 48.0
+    steps = [ms(model, StepShape.decode(b, 192)) for b in (1, 4, 16, 64)]
+    assert steps == sorted(steps)
     assert model.kv_capacity_tokens() == 2 * 1024**3 // 23_040
 
 

@@ -12,7 +12,7 @@ Three families:
   datasheet numbers and a few stated efficiency factors (presets ``a100-llama3-8b`` and
   ``8xa100-llama3-70b``, the two setups of the learning-to-rank paper);
 * :class:`LinearCostModel`: a linear fit, for the CPU engine on these machines
-  (preset ``cpu-smollm2-135m``; placeholder coefficients until the real engine calibrates them);
+  (preset ``cpu-smollm2-135m``, coefficients fitted to timed steps of the real engine);
 * :class:`ConstantCostModel`: ``constant:STEP_MS[:PREFILL_MS_PER_TOKEN]``, for tests and toy runs.
 
 Conventions shared by every model:
@@ -562,38 +562,36 @@ def eight_a100_llama3_70b() -> RooflineCostModel:
 
 
 def cpu_smollm2_135m() -> LinearCostModel:
-    """``cpu-smollm2-135m``: SmolLM2-135M-Instruct on 2 Sapphire Rapids cores (the machines here).
+    """``cpu-smollm2-135m``: rankserve's own engine serving SmolLM2-135M-Instruct in bf16 on the
+    2-core machines here.
 
-    PLACEHOLDER coefficients, to be replaced by a calibration of the real engine
-    (``LinearCostModel.from_json``). They are fitted by hand to the vLLM-CPU measurements in
-    REFERENCE.md (sections 6 and 7; 2 cores, bf16, 128 tokens in / 128 out): TPOT ~30 ms at 1
-    request and ~75 ms at 64; ~36 / 410 / 750 output tok/s at 1 / 16 / 64 concurrent requests; the
-    offline engine ~680 tok/s for 64 x 128.
+    Calibrated on the real engine, 2026-11-21 (``python benchmarks/calibrate_cpu.py``): 2,011 timed
+    steps (schedule, forward, sampling, update) from a replayed ShareGPT trace (120 requests,
+    prompts <= 512 and outputs <= 256 tokens, Poisson 1.5 req/s, max_num_seqs 16,
+    max_num_batched_tokens 512) and a sweep of batch shapes (1-64 sequences, contexts 64-768),
+    fitted by non-negative least squares; mean absolute error per step 12.3 percent. On a second
+    trace (another seed) the simulator's mean latency came within -6.0 percent of the engine's
+    (TTFT -6.7 percent, throughput +5.0 percent).
 
-    * base 28 ms per step (what a 1-request step costs, less the per-token terms);
-    * decode 0.47 ms per decoding sequence and 1.0 us per context token read (KV, 23 KB/token)
-      + 0.3 us per query-key pair: a decoding sequence with ~192 tokens of context (the mean over
-      128 + 128) adds ~0.72 ms, the slope between the 1-, 16- and 64-request points;
-    * prefill 0.25 ms per token (+ its attention pairs), from the offline run: 64 x 128 prompt tokens
-      take the ~2.4 s of its ~12 s that the decode steps do not explain.
+    * base 31.5 ms per step; 3.6 ms per decoding sequence;
+    * prefill 0.46 ms per prompt token; attention 1.2 us per query-key pair;
+    * 7.2 us per context token read (gathering KV blocks dominates attention, see docs/ENGINE.md).
+    It predicts 37 ms for a batch-1 decode step at 192 tokens of context (engine_throughput measured
+    38.7 ms) but 367 ms at batch 64 (measured 177 ms): trust it for batches up to ~16.
 
-    Model output: decode at 192 tokens of context costs 28.7 / 39.5 / 74.1 ms per step at 1 / 16 / 64
-    sequences (35 / 405 / 864 tok/s; vLLM's 750 at 64 includes the prefill steps); one 128-token prompt
-    alone costs 65 ms to prefill; the offline run (4 prefill steps of 16 x 128 tokens, then 128 decode
-    steps of 64) comes out at 12.0 s, 685 tok/s (measured ~680).
-
-    KV capacity: 2 GiB (``VLLM_CPU_KVCACHE_SPACE=2``) / 23,040 bytes per token (30 layers x 3 KV heads
-    x 64 x 2 (K, V) x 2 bytes) = 93,206 tokens. Host swap: 4 GiB (vLLM's default --swap-space;
-    assumption) = 186,413 tokens, copied at 10 GB/s (assumption: a memcpy on 2 cores).
+    KV capacity: 2 GiB (rankserve serve's default --kv-cache-gb) / 23,040 bytes per token (30 layers
+    x 3 KV heads x 64 x 2 (K, V) x 2 bytes) = 93,206 tokens. Host swap: 4 GiB (--swap-space-gb)
+    = 186,413 tokens, copied at 10 GB/s (assumption: a memcpy on 2 cores; swaps were not timed).
     """
     kv_bytes = SMOLLM2_135M.kv_bytes_per_token
     return LinearCostModel(
         name="cpu-smollm2-135m",
-        base_s=28e-3,
-        prefill_s_per_token=0.25e-3,
-        decode_s_per_token=0.47e-3,
-        kv_s_per_token=1.0e-6,
-        attn_s_per_pair=0.3e-6,
+        base_s=0.03145,
+        prefill_s_per_token=0.0004592,
+        decode_s_per_token=0.003636,
+        kv_s_per_token=7.17e-06,
+        attn_s_per_pair=1.194e-06,
+        seq_s=0,
         kv_capacity_tokens=2 * GiB // kv_bytes,
         host_capacity_tokens=4 * GiB // kv_bytes,
         kv_bytes_per_token=kv_bytes,
