@@ -27,7 +27,7 @@ from rankserve.bench.workloads import arrival_times, sample_lengths
 from rankserve.core import SchedulerConfig, make_policy
 from rankserve.core.metrics import summarize
 from rankserve.core.request import Request, SamplingParams
-from rankserve.server.serve import EngineSettings, load_engine
+from rankserve.server.serve import EngineSettings, build_core
 from rankserve.sim.cost_model import LinearCostModel, cpu_smollm2_135m
 from rankserve.sim.simulator import build_requests, simulate
 
@@ -44,9 +44,7 @@ def trace(n: int, rate: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _core(settings: EngineSettings):
-    loaded = load_engine(settings)
-    loaded.engine.shutdown()  # drive the core directly, on this thread
-    return loaded.engine.loop.core
+    return build_core(settings)[1]  # driven directly, on this thread
 
 
 def _timed_step(core, steps: list[tuple]) -> None:

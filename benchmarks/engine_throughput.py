@@ -47,33 +47,20 @@ def make_prompts(batch: int, prompt_len: int, vocab: int, seed: int) -> list[lis
 def run_rankserve(args: argparse.Namespace, prompts: list[list[int]]) -> dict:
     import torch
 
-    from rankserve.core.block_manager import BlockManager
-    from rankserve.core.policies import make_policy
     from rankserve.core.request import Request, SamplingParams
-    from rankserve.core.scheduler import Scheduler, SchedulerConfig
-    from rankserve.engine.core import EngineCore
-    from rankserve.engine.loop import WallClock
-    from rankserve.model.loader import load_model
-    from rankserve.model.runner import ModelExecutor
+    from rankserve.server.serve import EngineSettings, build_core
 
     torch.set_num_threads(args.threads)
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
     batch = len(prompts)
     t_load = time.perf_counter()
-    _files, model = load_model(args.model, dtype=dtype, device="cpu")
-    block_size = 16
-    per_block = model.cfg.kv_bytes_per_token(dtype) * block_size
-    device_blocks = int(args.kv_cache_gb * GiB // per_block)
-    clock = WallClock()
-    config = SchedulerConfig(
-        max_num_seqs=batch,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        preemption_mode="swap",
-        max_model_len=min(model.cfg.max_position_embeddings, device_blocks * block_size),
-    )
-    scheduler = Scheduler(config, make_policy("fcfs"), BlockManager(device_blocks, 0, block_size), clock)
-    executor = ModelExecutor(model, device_blocks, 0, block_size, seed=0)
-    engine = EngineCore(scheduler, executor)
+    settings = EngineSettings(model=args.model, dtype=args.dtype, max_num_seqs=batch,
+                              max_num_batched_tokens=args.max_num_batched_tokens,
+                              kv_cache_gb=args.kv_cache_gb, swap_space_gb=0.0)
+    _files, engine, _max_len = build_core(settings)
+    scheduler, clock = engine.scheduler, engine.scheduler.clock
+    device_blocks = scheduler.blocks.device.num_blocks
+    per_block = engine.executor.model.cfg.kv_bytes_per_token(dtype) * settings.block_size
     load_s = time.perf_counter() - t_load
 
     def submit(token_lists: list[list[int]], max_tokens: int) -> list:

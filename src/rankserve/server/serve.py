@@ -63,11 +63,12 @@ class LoadedEngine:
     max_model_len: int
 
 
-def load_engine(settings: EngineSettings) -> LoadedEngine:
-    """Load the model and build scheduler, executor, engine loop. Raises on a bad setting."""
+def build_core(settings: EngineSettings):
+    """Load the model and build scheduler, executor and the step loop on a wall clock.
+    Returns (ModelFiles, EngineCore, max_model_len). Raises on a bad setting."""
     import torch
 
-    from rankserve.model.loader import load_model, load_tokenizer
+    from rankserve.model.loader import load_model
     from rankserve.model.runner import ModelExecutor
 
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[settings.dtype]
@@ -92,10 +93,17 @@ def load_engine(settings: EngineSettings) -> LoadedEngine:
     scheduler = Scheduler(config, make_policy(settings.policy), blocks, clock)
     executor = ModelExecutor(model, device_blocks, host_blocks, settings.block_size, seed=settings.seed)
     predictor = make_predictor(settings.predictor) if settings.predictor else None
-    engine = AsyncEngine(EngineCore(scheduler, executor, predictor))
-    log.info("serving %s: %d KV blocks of %d tokens on %s, %d host blocks, context %d",
+    log.info("%s: %d KV blocks of %d tokens on %s, %d host blocks, context %d",
              files.name, device_blocks, settings.block_size, device, host_blocks, max_len)
-    return LoadedEngine(engine, HFTextTokenizer(load_tokenizer(files)), files.name, max_len)
+    return files, EngineCore(scheduler, executor, predictor), max_len
+
+
+def load_engine(settings: EngineSettings) -> LoadedEngine:
+    """The core of ``build_core`` running in its own thread, with the model's tokenizer."""
+    from rankserve.model.loader import load_tokenizer
+
+    files, core, max_len = build_core(settings)
+    return LoadedEngine(AsyncEngine(core), HFTextTokenizer(load_tokenizer(files)), files.name, max_len)
 
 
 def serve(settings: EngineSettings, host: str, port: int, api_key: str | None, max_queued: int,
