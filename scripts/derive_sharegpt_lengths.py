@@ -33,11 +33,12 @@ import argparse
 import csv
 import importlib.metadata
 import importlib.util
-import json
 import sys
 import time
 from pathlib import Path
 from typing import NoReturn
+
+from rankserve.learn.sharegpt import first_pairs, iter_records
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO_ROOT / "src" / "rankserve" / "bench" / "data" / "sharegpt_lengths.csv"
@@ -127,39 +128,6 @@ def build_tokenizer(gguf_path: Path):
     return tok
 
 
-def iter_records(raw: bytes):
-    """Yield the records of a (possibly truncated) JSON array, one at a time.
-
-    Returns, through StopIteration's value, the number of trailing characters that did not
-    form a complete record.
-    """
-    text = raw.decode("utf-8", errors="replace")
-    decoder = json.JSONDecoder()
-    pos = text.index("[") + 1
-    end = len(text)
-    while True:
-        while pos < end and text[pos] in " \t\r\n,":
-            pos += 1
-        if pos >= end or text[pos] == "]":
-            return 0
-        try:
-            record, pos = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError:
-            return end - pos
-        yield record
-
-
-def first_pairs(records):
-    """(conv_id, prompt, output) for records whose first two turns are human then gpt."""
-    for rec in records:
-        turns = rec.get("conversations") or []
-        if len(turns) < 2:
-            continue
-        if turns[0].get("from") != "human" or turns[1].get("from") != "gpt":
-            continue
-        yield str(rec.get("id", "")), turns[0].get("value") or "", turns[1].get("value") or ""
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output CSV (default: {DEFAULT_OUT})")
@@ -172,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     tok = build_tokenizer(gguf_path)
 
     with sharegpt.open_dataset() as fh:
-        raw = fh.read()
+        raw = fh.read().decode("utf-8", errors="replace")
     records = []
     gen = iter_records(raw)
     while True:

@@ -239,13 +239,14 @@ def test_hidden_states_tap(tiny):
     p1, p2 = _prompts(2)
     cache = ours.allocate_kv_cache(32, BS)
     out = ours.forward(
-        [SeqInput(p1, 0, [0, 1]), SeqInput(p2, 0, list(range(2, 12)))], cache, hidden_layer=1
+        [SeqInput(p1, 0, [0, 1]), SeqInput(p2, 0, list(range(2, 12)))], cache, hidden_layers=(1, 0)
     )
     with torch.no_grad():
-        ref = hf(torch.tensor([p2]), output_hidden_states=True).hidden_states[1][0]
-    assert out.hidden_last.shape == (2, 64)
-    assert torch.allclose(out.hidden_last[1], ref[-1], atol=1e-5)
-    assert torch.allclose(out.hidden_mean[1], ref.mean(0), atol=1e-5)
+        ref = hf(torch.tensor([p2]), output_hidden_states=True).hidden_states
+    assert out.hidden_last.shape == (2, 2, 64)
+    for row, layer in enumerate((1, 0)):
+        assert torch.allclose(out.hidden_last[row, 1], ref[layer][0, -1], atol=1e-5)
+        assert torch.allclose(out.hidden_mean[row, 1], ref[layer][0].mean(0), atol=1e-5)
 
 
 def test_bf16_logits_close(tiny):

@@ -107,7 +107,7 @@ def sharegpt_split_of(conv_id: str) -> str:
 
 
 @lru_cache(maxsize=1)
-def _sharegpt_table() -> tuple[tuple[str, ...], np.ndarray, np.ndarray]:
+def sharegpt_table() -> tuple[tuple[str, ...], np.ndarray, np.ndarray]:
     """(conv_ids, lengths, is_train) from the packaged CSV, read once; arrays are read-only."""
     text = resources.files(_DATA_PACKAGE).joinpath("data", _DATA_FILE).read_text(encoding="utf-8")
     reader = csv.reader(io.StringIO(text))
@@ -136,7 +136,7 @@ def load_sharegpt_lengths(split: str | None = None) -> np.ndarray:
     all rows, or ``"train"`` / ``"test"`` for one side of the fixed split (``sharegpt_split_of``).
     The file is parsed once; each call returns a fresh copy.
     """
-    _, lengths, is_train = _sharegpt_table()
+    _, lengths, is_train = sharegpt_table()
     if split is None:
         return lengths.copy()
     if split == "train":

@@ -18,6 +18,7 @@ import numpy as np
 from rankserve.bench.experiment import PAPER_SYSTEMS, SimSpec, parse_params, parse_system, run_grid, run_spec, sweep_specs
 from rankserve.bench.report import markdown_table, plot_latency_vs_rate, summary_line
 from rankserve.bench.workloads import ARRIVAL_FORMS, LENGTH_FORMS, arrival_times, sample_lengths
+from rankserve.cli.learn import add_label_command, add_train_commands
 from rankserve.core.policies import POLICY_NAMES
 from rankserve.predict import PREDICTOR_NAMES
 from rankserve.sim.cost_model import PRESET_NAMES, get_cost_model
@@ -164,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="answer 429 beyond this many waiting requests")
     sv.add_argument("--seed", type=int, default=0)
     sv.set_defaults(run=cmd_serve, parser=sv)
+
+    add_label_command(sub, _checked(_positive_int), _checked(_non_negative))
+    add_train_commands(sub, _checked(_positive_int))
     return parser
 
 

@@ -92,6 +92,8 @@ class Request:
     request_id: str = ""
     # Known true output length (simulation, replayed traces): what the oracle predictor reads.
     oracle_output_len: int | None = None
+    # The prompt as text, for predictors that read text (a chat request: its user turns).
+    prompt_text: str | None = None
     # Keep a timestamp for every token. Long simulations turn it off and keep running aggregates.
     record_token_times: bool = True
 

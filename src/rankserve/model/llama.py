@@ -117,8 +117,9 @@ class SeqInput:
 @dataclass
 class ForwardOutput:
     logits: torch.Tensor  # [num_seqs, vocab], float32: the last new token of each sequence
-    hidden_mean: torch.Tensor | None = None  # [num_seqs, hidden], float32: mean over new tokens
-    hidden_last: torch.Tensor | None = None  # [num_seqs, hidden], float32: the last new token
+    # Taps, one row per requested layer: [num_layers_tapped, num_seqs, hidden], float32.
+    hidden_mean: torch.Tensor | None = None  # mean over each sequence's new tokens
+    hidden_last: torch.Tensor | None = None  # each sequence's last new token
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -228,12 +229,13 @@ class LlamaModel:
         self,
         seqs: Sequence[SeqInput],
         kv_cache: torch.Tensor,
-        hidden_layer: int | None = None,
+        hidden_layers: Sequence[int] = (),
     ) -> ForwardOutput:
         """Run one mixed batch; write its new K/V into ``kv_cache``; return last-token logits.
 
-        ``hidden_layer`` k taps the residual stream after decoder layer k (0 = the embeddings,
-        as in Hugging Face's ``hidden_states[k]``, but the last layer's is taken before the final norm).
+        Each k in ``hidden_layers`` taps the residual stream after decoder layer k (0 = the
+        embeddings, as in Hugging Face's ``hidden_states[k]``, but the last layer's is taken before
+        the final norm).
         """
         cfg = self.cfg
         if not seqs:
@@ -242,8 +244,8 @@ class LlamaModel:
             raise ValueError(f"kv_cache must be {self.dtype} on {self.device}")
         num_blocks, bs = kv_cache.shape[2], kv_cache.shape[3]
         dev = self.device
-        if hidden_layer is not None and not 0 <= hidden_layer <= cfg.num_layers:
-            raise ValueError(f"hidden_layer must be in [0, {cfg.num_layers}]")
+        if any(not 0 <= k <= cfg.num_layers for k in hidden_layers):
+            raise ValueError(f"hidden layers must be in [0, {cfg.num_layers}], got {list(hidden_layers)}")
 
         # Token layout, positions, cache slots (shared by every layer).
         ids: list[int] = []
@@ -304,7 +306,7 @@ class LlamaModel:
         scale = 1.0 / math.sqrt(D)
         x = self.embed[ids_t]
         last_rows = torch.tensor([starts[i + 1] - 1 for i in range(len(seqs))], device=dev)
-        hidden = x if hidden_layer == 0 else None
+        taps: dict[int, torch.Tensor] = {0: x} if 0 in hidden_layers else {}
         for li, layer in enumerate(self.layers):
             h = _rms_norm(x, layer.ln1, cfg.rms_norm_eps)
             qkv = F.linear(h, layer.wqkv, layer.bqkv)
@@ -343,16 +345,18 @@ class LlamaModel:
             gu = F.linear(h, layer.wgu)
             gate, up = gu.chunk(2, dim=-1)
             x = x + F.linear(F.silu(gate) * up, layer.wdown)
-            if hidden_layer == li + 1:
-                hidden = x
+            if li + 1 in hidden_layers:
+                taps[li + 1] = x
 
         last = _rms_norm(x[last_rows], self.norm, cfg.rms_norm_eps)
         logits = F.linear(last, self.lm_head).float()
         out = ForwardOutput(logits=logits)
-        if hidden is not None:
-            hf = hidden.float()
-            out.hidden_last = hf[last_rows]
-            out.hidden_mean = torch.stack([hf[starts[i] : starts[i + 1]].mean(0) for i in range(len(seqs))])
+        if hidden_layers:
+            hf = torch.stack([taps[k] for k in hidden_layers]).float()  # [L, T, hidden]
+            out.hidden_last = hf[:, last_rows]
+            seq_of_row = torch.repeat_interleave(torch.arange(len(seqs), device=dev), torch.tensor(lens, device=dev))
+            sums = hf.new_zeros(len(hidden_layers), len(seqs), hf.shape[-1]).index_add_(1, seq_of_row, hf)
+            out.hidden_mean = sums / torch.tensor(lens, dtype=hf.dtype, device=dev)[None, :, None]
         return out
 
 

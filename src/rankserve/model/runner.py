@@ -14,12 +14,12 @@ from rankserve.model.llama import LlamaModel, SeqInput, swap_blocks
 
 @dataclass
 class HiddenStates:
-    """Hidden states tapped at ``layer`` for the requests of the last step, in batch order."""
+    """Hidden states tapped at ``layers`` for the requests of the last step, in batch order."""
 
-    layer: int
+    layers: tuple[int, ...]
     request_ids: list[str]
-    mean: torch.Tensor  # [num_requests, hidden] float32: mean over the step's new tokens
-    last: torch.Tensor  # [num_requests, hidden] float32: the step's last new token
+    mean: torch.Tensor  # [num_layers, num_requests, hidden] float32: mean over the step's new tokens
+    last: torch.Tensor  # [num_layers, num_requests, hidden] float32: the step's last new token
 
 
 def _new_tokens(req: Request, n: int) -> list[int]:
@@ -87,14 +87,14 @@ class ModelExecutor:
         num_device_blocks: int,
         num_host_blocks: int = 0,
         block_size: int = 16,
-        hidden_layer: int | None = None,
+        hidden_layers: Sequence[int] = (),
         seed: int = 0,
     ) -> None:
         self.model = model
         self.block_size = block_size
         self.kv_cache = model.allocate_kv_cache(num_device_blocks, block_size)
         self.host_cache = model.allocate_kv_cache(num_host_blocks, block_size, device="cpu") if num_host_blocks else None
-        self.hidden_layer = hidden_layer
+        self.hidden_layers = tuple(hidden_layers)
         self.sampler = Sampler(seed)
         self._hidden: HiddenStates | None = None
 
@@ -110,10 +110,10 @@ class ModelExecutor:
             SeqInput(_new_tokens(req, n), req.num_computed_tokens, req.block_table)
             for req, n in zip(out.requests, out.num_tokens)
         ]
-        fwd = self.model.forward(seqs, self.kv_cache, hidden_layer=self.hidden_layer)
+        fwd = self.model.forward(seqs, self.kv_cache, hidden_layers=self.hidden_layers)
         if fwd.hidden_mean is not None:
             self._hidden = HiddenStates(
-                self.hidden_layer, [r.request_id for r in out.requests], fwd.hidden_mean, fwd.hidden_last
+                self.hidden_layers, [r.request_id for r in out.requests], fwd.hidden_mean, fwd.hidden_last
             )
         sampled = []
         for req, n, row in zip(out.requests, out.num_tokens, fwd.logits):

@@ -90,7 +90,8 @@ def build_app(config: ServerConfig, tokenizer: TextTokenizer | None, engine: Asy
             raise APIError(404, f"model '{name}' not found (serving '{config.model_name}')",
                            "not_found_error", "model", "model_not_found")
 
-    def _make_request(body: _SamplingFields, prompt_ids: list[int], max_tokens: int | None) -> Request:
+    def _make_request(body: _SamplingFields, prompt_ids: list[int], max_tokens: int | None,
+                      prompt_text: str | None) -> Request:
         room = config.max_model_len - len(prompt_ids)
         if room < 1 or (max_tokens is not None and max_tokens > room):
             asked = f" + max_tokens {max_tokens}" if max_tokens is not None else ""
@@ -100,7 +101,8 @@ def build_app(config: ServerConfig, tokenizer: TextTokenizer | None, engine: Asy
             sampling = body.sampling(max_tokens or room, app.state.tokenizer.eos_token_id)
         except ValueError as exc:
             raise APIError(400, str(exc)) from None
-        return Request(prompt_ids, sampling, priority=body.priority, request_id=f"cmpl-{uuid.uuid4().hex}")
+        return Request(prompt_ids, sampling, priority=body.priority, request_id=f"cmpl-{uuid.uuid4().hex}",
+                       prompt_text=prompt_text)
 
     async def _run(engine: AsyncEngine, req: Request, stream: TextStream) -> AsyncIterator[tuple[str, str | None]]:
         """Yield (text delta, finish reason or None) as tokens come, ending the request early on
@@ -195,13 +197,16 @@ def build_app(config: ServerConfig, tokenizer: TextTokenizer | None, engine: Asy
         ids = app.state.tokenizer.encode(body.prompt) if isinstance(body.prompt, str) else list(body.prompt)
         if not ids:
             raise APIError(400, "prompt has no tokens", param="prompt")
-        return await _respond(engine, body, _make_request(body, ids, body.max_tokens), chat=False)
+        text = body.prompt if isinstance(body.prompt, str) else None
+        return await _respond(engine, body, _make_request(body, ids, body.max_tokens, text), chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, http: HTTPRequest) -> Response:
         engine = _ready(http)
         _check_model(body.model)
         ids = app.state.tokenizer.apply_chat_template([m.model_dump() for m in body.messages])
-        return await _respond(engine, body, _make_request(body, ids, body.requested_max_tokens), chat=True)
+        # Length predictors are trained on first-turn user prompts: hand them the user turns.
+        text = "\n".join(m.content for m in body.messages if m.role == "user")
+        return await _respond(engine, body, _make_request(body, ids, body.requested_max_tokens, text), chat=True)
 
     return app

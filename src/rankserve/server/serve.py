@@ -53,6 +53,7 @@ class EngineSettings:
     preemption_mode: str = "swap"
     max_model_len: int | None = None
     seed: int = 0
+    predictor_weights: str | None = None  # None: the shipped weights of --predictor
 
 
 @dataclass
@@ -91,8 +92,10 @@ def build_core(settings: EngineSettings):
     )
     blocks = BlockManager(device_blocks, host_blocks, settings.block_size)
     scheduler = Scheduler(config, make_policy(settings.policy), blocks, clock)
-    executor = ModelExecutor(model, device_blocks, host_blocks, settings.block_size, seed=settings.seed)
-    predictor = make_predictor(settings.predictor) if settings.predictor else None
+    predictor = make_predictor(settings.predictor, weights=settings.predictor_weights) if settings.predictor else None
+    # A refining predictor reads the layer it was trained on from the engine's taps.
+    layers = (predictor.layer,) if predictor is not None and predictor.refines else ()
+    executor = ModelExecutor(model, device_blocks, host_blocks, settings.block_size, layers, seed=settings.seed)
     log.info("%s: %d KV blocks of %d tokens on %s, %d host blocks, context %d",
              files.name, device_blocks, settings.block_size, device, host_blocks, max_len)
     return files, EngineCore(scheduler, executor, predictor), max_len

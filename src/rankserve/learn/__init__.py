@@ -1,0 +1,1 @@
+"""Learned output-length predictors: labels from the served model, rankers, baselines, probe."""

