@@ -192,3 +192,42 @@ def test_label_file_roundtrip(tmp_path):
     path.write_text("wrong,header\n")
     with pytest.raises(ValueError):
         read_labels(path)
+
+
+# ---- text models (the real all-MiniLM-L6-v2 encoder) ------------------------------------------
+def _toy_prompts(rng: np.random.Generator, n: int) -> tuple[list[str], np.ndarray]:
+    """Prompts whose wording says how long the answer is."""
+    asks = [("Answer yes or no:", 8), ("Give one word for", 20), ("Summarise in a sentence", 60),
+            ("Write a detailed essay about", 300), ("Write a long story about", 350)]
+    topics = ["cats", "the sea", "trains", "music", "rain", "cooking", "chess", "mountains"]
+    texts, lengths = [], []
+    for _ in range(n):
+        ask, base = asks[rng.integers(len(asks))]
+        texts.append(f"{ask} {topics[rng.integers(len(topics))]}.")
+        lengths.append(int(base * rng.uniform(0.8, 1.2)))
+    return texts, np.array(lengths)
+
+
+@pytest.mark.parametrize("kind", ["ranker", "classifier"])
+def test_text_model_learns_and_predicts_through_the_interface(kind, tmp_path):
+    from rankserve.learn.predictors import TextModelPredictor
+    from rankserve.learn.text_model import TextLengthModel, TrainConfig, train_text_model
+
+    rng = np.random.default_rng(0)
+    texts, lengths = _toy_prompts(rng, 96)
+    model = TextLengthModel(TextModelConfig(kind=kind, trainable_layers=1, max_length=32, max_output=400))
+    history = train_text_model(model, model.encode_bottom(texts), lengths,
+                               TrainConfig(epochs=6, list_size=16, lr=3e-4, head_lr=3e-3), progress=False)
+    assert history[-1] < history[0]
+    test_texts, test_lengths = _toy_prompts(rng, 40)
+    model.save(tmp_path / "m.safetensors")
+    pred = TextModelPredictor(tmp_path / "m.safetensors")
+    assert pred.gives_lengths == (kind == "classifier")
+    reqs = [Request([1, 2], SamplingParams(max_tokens=8), prompt_text=t) for t in test_texts]
+    pred.score(reqs)
+    assert kendall_tau([r.score for r in reqs], test_lengths) > 0.5
+    if kind == "classifier":
+        assert all(0 < r.predicted_len <= 400 for r in reqs)
+    assert pred.report()["prompts_scored"] == 40
+    with pytest.raises(ValueError, match="prompt text"):
+        pred.score([Request([1], SamplingParams())])

@@ -13,11 +13,11 @@ from typing import Any
 
 import numpy as np
 
-from rankserve.bench.workloads import arrival_times, sample_lengths
+from rankserve.bench.workloads import arrival_times, sample_workload
 from rankserve.core.metrics import finished_within, time_to_k_finished
 from rankserve.core.policies import POLICIES
 from rankserve.core.scheduler import SchedulerConfig
-from rankserve.predict import make_predictor
+from rankserve.predict import LEARNED_NAMES, make_predictor
 from rankserve.sim.cost_model import get_cost_model
 from rankserve.sim.simulator import SimResult, build_requests, make_sim_policy, simulate
 
@@ -115,22 +115,32 @@ def parse_system(text: str, base: SimSpec) -> SimSpec:
 def run_spec(spec: SimSpec, progress: bool = False) -> tuple[dict[str, Any], SimResult]:
     """Run one simulation; returns the JSON-ready record (spec, summary, predictor report)."""
     rng = np.random.default_rng(spec.seed)
-    lengths = sample_lengths(spec.workload, spec.num_requests, rng, prompt_len=spec.prompt_len)
+    lengths, rows = sample_workload(spec.workload, spec.num_requests, rng, prompt_len=spec.prompt_len)
     arrivals = arrival_times(spec.arrival, spec.rate, spec.num_requests, rng)
     cost = get_cost_model(spec.hardware)
     policy = make_sim_policy(spec.policy, cost, **spec.policy_params)
     predictor = None
     if spec.predictor is not None and policy.needs_prediction:
+        # Simulations replay ShareGPT reference lengths: learned predictors use the weights
+        # trained on those labels.
         predictor = make_predictor(
-            spec.predictor, spec.target_tau, spec.seed, calibration_lengths=lengths[:, 1]
+            spec.predictor, spec.target_tau, spec.seed, calibration_lengths=lengths[:, 1], labels="reference"
         )
+    texts = None
+    if spec.predictor in LEARNED_NAMES and predictor is not None:
+        if rows is None:
+            raise ValueError(f"predictor '{spec.predictor}' reads prompt text: use a sharegpt workload")
+        from rankserve.learn.sharegpt import load_prompts
+
+        prompts = load_prompts()
+        texts = [prompts[r].text for r in rows]
     config = SchedulerConfig(
         max_num_seqs=spec.max_num_seqs,
         max_num_batched_tokens=spec.max_num_batched_tokens,
         preemption_mode=spec.preemption_mode,
     )
     result = simulate(
-        build_requests(lengths, arrivals), policy, predictor, cost, config, spec.block_size, progress
+        build_requests(lengths, arrivals, texts=texts), policy, predictor, cost, config, spec.block_size, progress
     )
     summary = dict(result.summary)
     start = float(arrivals.min()) if len(arrivals) else 0.0

@@ -245,17 +245,36 @@ def sample_lengths(spec: str, n: int, rng: np.random.Generator, prompt_len: int 
     give every prompt ``prompt_len`` tokens. A ``,max=N`` suffix clips output lengths at N.
     Raises ``WorkloadSpecError`` for a spec it cannot use.
     """
+    return sample_workload(spec, n, rng, prompt_len)[0]
+
+
+def sharegpt_rows(split: str | None = None) -> np.ndarray:
+    """Row numbers (in the lengths file, and in ``rankserve.learn.sharegpt.load_prompts``) of one split."""
+    _, _, is_train = sharegpt_table()
+    if split is None:
+        return np.arange(len(is_train))
+    if split in _SPLITS:
+        return np.flatnonzero(is_train if split == "train" else ~is_train)
+    raise ValueError(f"invalid ShareGPT split {split!r}: use None, 'train' or 'test'")
+
+
+def sample_workload(
+    spec: str, n: int, rng: np.random.Generator, prompt_len: int = 32
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """``sample_lengths`` plus, for ShareGPT specs, the row of each request (so that predictors
+    that read prompt text can be handed the text); rows are None for synthetic specs."""
     kind, params, cap = _parse_length_spec(spec)
     n = _check_count(n)
     if isinstance(prompt_len, bool) or not isinstance(prompt_len, (int, np.integer)) or prompt_len < 1:
         raise ValueError(f"prompt_len must be an integer >= 1, got {prompt_len!r}")
 
+    rows = None
     if kind == "sharegpt":
-        table = load_sharegpt_lengths(params[0])
-        if len(table) == 0:
+        split_rows = sharegpt_rows(params[0])
+        if len(split_rows) == 0:
             raise _length_error(spec, "the ShareGPT table is empty")
-        order = np.resize(rng.permutation(len(table)), n)
-        out = table[order].astype(np.int64, copy=True)
+        rows = split_rows[np.resize(rng.permutation(len(split_rows)), n)]
+        out = sharegpt_table()[1][rows].astype(np.int64, copy=True)
     else:
         if kind == "fixed":
             outputs = np.full(n, params[0], dtype=np.int64)
@@ -276,7 +295,7 @@ def sample_lengths(spec: str, n: int, rng: np.random.Generator, prompt_len: int 
 
     if cap is not None:
         np.minimum(out[:, 1], cap, out=out[:, 1])
-    return out
+    return out, rows
 
 
 # --------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from rankserve.bench.report import markdown_table, plot_latency_vs_rate, summary
 from rankserve.bench.workloads import ARRIVAL_FORMS, LENGTH_FORMS, arrival_times, sample_lengths
 from rankserve.cli.learn import add_label_command, add_train_commands
 from rankserve.core.policies import POLICY_NAMES
-from rankserve.predict import PREDICTOR_NAMES
+from rankserve.predict import LEARNED_NAMES, PREDICTOR_NAMES
 from rankserve.sim.cost_model import PRESET_NAMES, get_cost_model
 
 class _Parser(argparse.ArgumentParser):
@@ -150,10 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=_checked(_port), default=8000)
     sv.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
-    sv.add_argument("--policy", choices=POLICY_NAMES, default="fcfs")
+    sv.add_argument("--policy", choices=POLICY_NAMES, default="ltr",
+                    help="scheduling policy (default: learning to rank with starvation prevention)")
     # Oracle predictors need known output lengths, which live requests do not have.
-    sv.add_argument("--predictor", choices=("prompt-len",), default=None,
-                    help="length predictor for sjf/srpt/ltr/trail")
+    sv.add_argument("--predictor", choices=("ranker", "classifier", "regressor", "probe", "prompt-len"),
+                    default="ranker", help="length predictor for sjf/srpt/ltr/trail (default: the trained ranker)")
+    sv.add_argument("--predictor-weights", default=None,
+                    help="trained weights (.safetensors) for --predictor; default: the shipped ones")
     sv.add_argument("--max-num-seqs", type=_checked(_positive_int), default=32)
     sv.add_argument("--max-num-batched-tokens", type=_checked(_positive_int), default=1024)
     sv.add_argument("--kv-cache-gb", type=_checked(_rate), default=2.0, help="device KV cache size (GiB)")
@@ -199,6 +202,15 @@ def _validate(spec: SimSpec, parser: argparse.ArgumentParser, flag: str) -> None
         parser.error(f"argument {flag}: predictor 'noisy' needs a target tau (--target-tau, or noisy@TAU)")
     if spec.predictor not in PREDICTOR_NAMES:
         parser.error(f"argument {flag}: unknown predictor {spec.predictor!r} (choose from {', '.join(PREDICTOR_NAMES)})")
+    if spec.predictor in LEARNED_NAMES and policy.needs_prediction:
+        from rankserve.learn.predictors import default_weights
+
+        if not spec.workload.startswith("sharegpt"):
+            parser.error(f"argument {flag}: predictor {spec.predictor!r} reads prompt text: use --workload sharegpt[:test]")
+        if spec.predictor == "probe":
+            parser.error(f"argument {flag}: the probe reads the served model's hidden states; simulation has none")
+        if not default_weights(spec.predictor, "reference").is_file():
+            parser.error(f"argument {flag}: no trained weights for {spec.predictor!r} (see docs/PREDICTORS.md)")
     if spec.first_k is not None and spec.first_k > spec.num_requests:
         parser.error(f"argument --first-k: {spec.first_k} is more than --num-requests {spec.num_requests}")
 
@@ -266,10 +278,20 @@ def cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from rankserve.model.loader import ModelNotFoundError
     from rankserve.server.serve import EngineSettings, serve
 
-    if POLICIES[args.policy].needs_prediction and args.predictor is None:
-        parser.error(f"argument --predictor: policy '{args.policy}' needs a length predictor (--predictor prompt-len)")
+    policy = POLICIES[args.policy]
+    if policy.needs_lengths and args.predictor == "ranker":
+        parser.error(f"argument --predictor: policy '{args.policy}' needs predicted lengths; the ranker only "
+                     "ranks (use classifier, regressor or probe)")
+    if policy.needs_prediction and args.predictor in LEARNED_NAMES:
+        from rankserve.learn.predictors import default_weights
+
+        weights = Path(args.predictor_weights) if args.predictor_weights else default_weights(args.predictor)
+        if not weights.is_file():
+            parser.error(f"argument --predictor-weights: {weights} does not exist (see docs/PREDICTORS.md)")
     settings = EngineSettings(
-        model=args.model, dtype=args.dtype, policy=args.policy, predictor=args.predictor,
+        model=args.model, dtype=args.dtype, policy=args.policy,
+        predictor=args.predictor if policy.needs_prediction else None,
+        predictor_weights=args.predictor_weights,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         kv_cache_gb=args.kv_cache_gb, swap_space_gb=args.swap_space_gb,
         preemption_mode=args.preemption_mode, max_model_len=args.max_model_len, seed=args.seed,

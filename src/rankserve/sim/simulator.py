@@ -51,11 +51,13 @@ class CostModelExecutor:
 
 
 def build_requests(
-    lengths: np.ndarray, arrivals: np.ndarray, record_token_times: bool = False
+    lengths: np.ndarray, arrivals: np.ndarray, record_token_times: bool = False,
+    texts: Sequence[str] | None = None,
 ) -> list[Request]:
-    """Requests that replay known lengths: ``max_tokens`` = output length, EOS ignored."""
-    if len(lengths) != len(arrivals):
-        raise ValueError("need one arrival time per (prompt, output) length pair")
+    """Requests that replay known lengths: ``max_tokens`` = output length, EOS ignored. ``texts``
+    (optional) are the prompts' texts, for predictors that read them."""
+    if len(lengths) != len(arrivals) or (texts is not None and len(texts) != len(lengths)):
+        raise ValueError("need one arrival time (and text, if any) per (prompt, output) length pair")
     return [
         Request(
             prompt_token_ids=range(int(p)),
@@ -63,8 +65,9 @@ def build_requests(
             arrival_time=float(a),
             oracle_output_len=int(o),
             record_token_times=record_token_times,
+            prompt_text=None if texts is None else texts[i],
         )
-        for (p, o), a in zip(lengths, arrivals)
+        for i, ((p, o), a) in enumerate(zip(lengths, arrivals))
     ]
 
 
