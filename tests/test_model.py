@@ -197,7 +197,7 @@ def test_greedy_after_swap_out_and_in(tiny):
     blocks.free = old + blocks.free  # A's device blocks go to B first
     sa.table = []
     swap_blocks(out_pairs, [], dev, host)
-    dev[:, :, old] = 7.0  # clobber: only the host copy holds A's KV now
+    dev[:, :, :, old] = 7.0  # clobber: only the host copy holds A's KV now
     for _ in range(20):
         _step(ours, dev, blocks, [(sb, 1)])
     new_ids = [b for b in reversed(blocks.free) if b not in old][: len(host_ids)]

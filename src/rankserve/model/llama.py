@@ -218,9 +218,12 @@ class LlamaModel:
     def allocate_kv_cache(
         self, num_blocks: int, block_size: int, device: str | torch.device | None = None
     ) -> torch.Tensor:
-        """A zeroed pool [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]."""
+        """A zeroed pool [num_layers, 2, num_kv_heads, num_blocks, block_size, head_dim].
+
+        Head-major: one head's blocks are contiguous rows, so a decode step gathers whole blocks
+        per head and attention runs as plain batched matmuls over contiguous tensors."""
         c = self.cfg
-        shape = (c.num_layers, 2, num_blocks, block_size, c.num_kv_heads, c.head_dim)
+        shape = (c.num_layers, 2, c.num_kv_heads, num_blocks, block_size, c.head_dim)
         return torch.zeros(shape, dtype=self.dtype, device=self.device if device is None else device)
 
     # ---- forward ---------------------------------------------------------------------------
@@ -242,7 +245,7 @@ class LlamaModel:
             raise ValueError("empty batch")
         if kv_cache.dtype != self.dtype or kv_cache.device != self.device:
             raise ValueError(f"kv_cache must be {self.dtype} on {self.device}")
-        num_blocks, bs = kv_cache.shape[2], kv_cache.shape[3]
+        num_blocks, bs = kv_cache.shape[3], kv_cache.shape[4]
         dev = self.device
         if any(not 0 <= k <= cfg.num_layers for k in hidden_layers):
             raise ValueError(f"hidden layers must be in [0, {cfg.num_layers}], got {list(hidden_layers)}")
@@ -276,14 +279,16 @@ class LlamaModel:
         dec = [i for i, n in enumerate(lens) if n == 1]
         pre = [i for i, n in enumerate(lens) if n > 1]
         if dec:
-            max_ctx = max(len(ctx_slots[i]) for i in dec)
-            dec_slots = torch.zeros(len(dec), max_ctx, dtype=torch.long)
-            dec_mask = torch.zeros(len(dec), max_ctx, dtype=torch.bool)
+            # Whole blocks are gathered (padded with block 0, masked out), not single slots.
+            dec_ctx = [len(ctx_slots[i]) for i in dec]
+            max_blocks = -(-max(dec_ctx) // bs)
+            dec_tables = torch.zeros(len(dec), max_blocks, dtype=torch.long)
             for j, i in enumerate(dec):
-                dec_slots[j, : len(ctx_slots[i])] = ctx_slots[i]
-                dec_mask[j, : len(ctx_slots[i])] = True
-            dec_slots = dec_slots.to(dev)
-            dec_mask = dec_mask.to(dev)[:, None, None, :]  # [B, 1, 1, ctx]
+                table = list(seqs[i].block_table)[: -(-dec_ctx[j] // bs)]
+                dec_tables[j, : len(table)] = torch.as_tensor(table, dtype=torch.long)
+            dec_tables = dec_tables.flatten().to(dev)
+            dec_mask = torch.arange(max_blocks * bs)[None, :] < torch.tensor(dec_ctx)[:, None]
+            dec_mask = dec_mask.to(dev)[None, :, None, :]  # [1, B, 1, ctx]
             dec_rows = torch.tensor([starts[i] for i in dec], dtype=torch.long, device=dev)
         pre_masks = {}
         for i in pre:
@@ -315,16 +320,16 @@ class LlamaModel:
             v = qkv[:, (H + KV) * D :].view(T, KV, D)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
-            k_pool = kv_cache[li, 0].view(num_blocks * bs, KV, D)
-            v_pool = kv_cache[li, 1].view(num_blocks * bs, KV, D)
-            k_pool[new_slots] = k
-            v_pool[new_slots] = v
+            k_pool = kv_cache[li, 0].view(KV, num_blocks * bs, D)
+            v_pool = kv_cache[li, 1].view(KV, num_blocks * bs, D)
+            k_pool[:, new_slots] = k.transpose(0, 1)
+            v_pool[:, new_slots] = v.transpose(0, 1)
 
             attn = torch.empty(T, H, D, dtype=self.dtype, device=dev)
             for i in pre:
                 a, b = starts[i], starts[i + 1]
-                kc = k_pool[ctx_slots[i]].permute(1, 2, 0)  # [KV, D, ctx]
-                vc = v_pool[ctx_slots[i]].transpose(0, 1)  # [KV, ctx, D]
+                kc = k_pool[:, ctx_slots[i]].transpose(1, 2)  # [KV, D, ctx]
+                vc = v_pool[:, ctx_slots[i]]  # [KV, ctx, D]
                 # Query rows in pieces so the float32 scores stay under ~64 MB.
                 step = max(1, _ATTN_SCORE_BUDGET // (H * kc.shape[-1]))
                 for c in range(a, b, step):
@@ -334,11 +339,12 @@ class LlamaModel:
                     o = _attend(qp, kc, vc, m, scale)  # [KV, rows*G, D]
                     attn[c:e] = o.view(KV, e - c, G, D).permute(1, 0, 2, 3).reshape(e - c, H, D)
             if dec:
-                kc = k_pool[dec_slots].permute(0, 2, 3, 1)  # [B, KV, D, ctx]
-                vc = v_pool[dec_slots].transpose(1, 2)  # [B, KV, ctx, D]
-                qd = q[dec_rows].view(len(dec), KV, G, D)
-                o = _attend(qd, kc, vc, dec_mask, scale)  # [B, KV, G, D]
-                attn[dec_rows] = o.reshape(len(dec), H, D)
+                B = len(dec)
+                kc = kv_cache[li, 0].view(KV, num_blocks, bs * D)[:, dec_tables].view(KV, B, -1, D)
+                vc = kv_cache[li, 1].view(KV, num_blocks, bs * D)[:, dec_tables].view(KV, B, -1, D)
+                qd = q[dec_rows].view(B, KV, G, D).transpose(0, 1)  # [KV, B, G, D]
+                o = _attend(qd, kc.transpose(-1, -2), vc, dec_mask, scale)  # [KV, B, G, D]
+                attn[dec_rows] = o.transpose(0, 1).reshape(B, H, D)
 
             x = x + F.linear(attn.view(T, H * D), layer.wo, layer.bo)
             h = _rms_norm(x, layer.ln2, cfg.rms_norm_eps)
@@ -363,14 +369,14 @@ class LlamaModel:
 def copy_blocks(pairs: Sequence[tuple[int, int]], src_pool: torch.Tensor, dst_pool: torch.Tensor) -> None:
     """Copy whole blocks ``src -> dst`` between pools (swap out: device -> host; swap in: back).
 
-    Both pools have the layout [num_layers, 2, num_blocks, block_size, kv_heads, head_dim]; they may
+    Both pools have the layout [num_layers, 2, kv_heads, num_blocks, block_size, head_dim]; they may
     live on different devices and have different block counts.
     """
     if not pairs:
         return
     src = torch.tensor([p[0] for p in pairs], dtype=torch.long, device=src_pool.device)
     dst = torch.tensor([p[1] for p in pairs], dtype=torch.long, device=dst_pool.device)
-    dst_pool[:, :, dst] = src_pool[:, :, src].to(dst_pool.device, dst_pool.dtype)
+    dst_pool[:, :, :, dst] = src_pool[:, :, :, src].to(dst_pool.device, dst_pool.dtype)
 
 
 def swap_blocks(
