@@ -88,3 +88,31 @@ def plot_latency_vs_rate(records: Sequence[dict[str, Any]], path: Path, title: s
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_latency_cdf(records: Sequence[dict[str, Any]], path: Path) -> None:
+    """CDF of per-request latency per output token, one line per (system, rate); needs the
+    per-request rows that ``rankserve bench`` records."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in records:
+        rows = [q for q in r.get("requests", []) if q.get("status") == "finished"]
+        if not rows:
+            continue
+        values = sorted(q["e2e_s"] / q["output_tokens"] for q in rows)
+        rate = r["spec"]["rate"]
+        label = f"{r['system']} @ {'burst' if rate is None else f'{rate:g}/s'}"
+        ax.plot(values, [(i + 1) / len(values) for i in range(len(values))], label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("latency per output token (s)")
+    ax.set_ylabel("fraction of requests")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

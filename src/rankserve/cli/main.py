@@ -1,4 +1,4 @@
-"""``rankserve simulate``, ``rankserve sweep`` and ``rankserve serve``.
+"""The ``rankserve`` command: simulate, sweep, serve, label, train, eval, bench, bench-report.
 
 A bad flag value ends in one line naming the flag (argparse's usual ``error: argument --flag:``),
 never a traceback.
@@ -18,6 +18,7 @@ import numpy as np
 from rankserve.bench.experiment import PAPER_SYSTEMS, SimSpec, parse_params, parse_system, run_grid, run_spec, sweep_specs
 from rankserve.bench.report import markdown_table, plot_latency_vs_rate, summary_line
 from rankserve.bench.workloads import ARRIVAL_FORMS, LENGTH_FORMS, arrival_times, sample_lengths
+from rankserve.cli.bench import add_bench_commands
 from rankserve.cli.learn import add_label_command, add_train_commands
 from rankserve.core.policies import POLICY_NAMES
 from rankserve.predict import LEARNED_NAMES, PREDICTOR_NAMES
@@ -171,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_label_command(sub, _checked(_positive_int), _checked(_non_negative))
     add_train_commands(sub, _checked(_positive_int))
+    add_bench_commands(sub, {"positive_int": _checked(_positive_int), "rate": _checked(_rate),
+                             "rates": _checked(_rates)})
     return parser
 
 

@@ -39,7 +39,7 @@ def minilm_dir() -> Path:
 class TextModelConfig:
     kind: str = "ranker"  # ranker | classifier | regressor
     trainable_layers: int = 2
-    max_length: int = 256  # prompt tokens seen by the encoder (the rest is cut)
+    max_length: int = 128  # prompt tokens seen by the encoder (the rest is cut)
     num_buckets: int = 10  # classifier: equal-width buckets over [0, max_output]
     max_output: int = 384  # classifier bucket range / regressor scale
     head_hidden: int = 0  # 0: a linear head, else one hidden layer of this width
@@ -210,7 +210,7 @@ def model_loss(model: TextLengthModel, out: torch.Tensor, lengths: torch.Tensor,
 
 @dataclass
 class TrainConfig:
-    epochs: int = 4
+    epochs: int = 3
     list_size: int = 32
     micro_batch: int = 16
     lr: float = 1e-4

@@ -1,0 +1,166 @@
+"""``rankserve bench``: an async load generator for any OpenAI-compatible server (rankserve, vLLM).
+
+Requests are sent at their arrival times (Poisson, gamma or a burst), streamed over SSE, and timed
+per chunk. Each finished request becomes a core ``Request`` carrying those timestamps, so the
+simulator's metrics code (``rankserve.core.metrics``) computes TTFT, TPOT, latency per token, max
+wait and throughput for HTTP runs too; ITL and goodput are added here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from rankserve.core.metrics import summarize
+from rankserve.core.request import Request, RequestStatus, SamplingParams
+
+
+@dataclass(frozen=True)
+class BenchItem:
+    """One request to send: chat prompt text, its output budget, and when to send it."""
+
+    prompt: str
+    max_tokens: int
+    arrival_s: float
+    ignore_eos: bool = False  # True when replaying a recorded length
+    prompt_len: int = 0  # tokens, if known (for the record only)
+
+
+@dataclass(frozen=True)
+class SLO:
+    """Goodput counts requests that meet every given bound (seconds)."""
+
+    ttft_s: float | None = None
+    tpot_s: float | None = None
+    e2e_s: float | None = None
+
+
+def build_items(prompts: Sequence[str], max_tokens: Sequence[int], arrivals: Sequence[float],
+                ignore_eos: bool, prompt_lens: Sequence[int] | None = None) -> list[BenchItem]:
+    if not len(prompts) == len(max_tokens) == len(arrivals):
+        raise ValueError("need one max_tokens and one arrival time per prompt")
+    lens = prompt_lens if prompt_lens is not None else [0] * len(prompts)
+    return [BenchItem(p, int(m), float(a), ignore_eos, int(n)) for p, m, a, n in zip(prompts, max_tokens, arrivals, lens)]
+
+
+async def _one(client, url: str, model: str, item: BenchItem, start: float, headers: dict,
+               extra: dict, result: Request) -> None:
+    body = {
+        "model": model, "messages": [{"role": "user", "content": item.prompt}], "max_tokens": item.max_tokens,
+        "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": item.ignore_eos, **extra,
+    }
+    delay = start + item.arrival_s - time.perf_counter()
+    if delay > 0:
+        await asyncio.sleep(delay)
+    sent = time.perf_counter() - start
+    result.arrival_time = sent
+    chunks: list[float] = []
+    completion_tokens = None
+    try:
+        async with client.stream("POST", url, json=body, headers=headers) as response:
+            if response.status_code != 200:
+                text = (await response.aread()).decode(errors="replace")[:300]
+                raise RuntimeError(f"HTTP {response.status_code}: {text}")
+            async for line in response.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                data = line[len("data: "):]
+                if data == "[DONE]":
+                    break
+                event = json.loads(data)
+                now = time.perf_counter() - start
+                if event.get("usage"):
+                    completion_tokens = event["usage"].get("completion_tokens")
+                for choice in event.get("choices") or []:
+                    if (choice.get("delta") or {}).get("content"):
+                        chunks.append(now)
+        end = time.perf_counter() - start
+    except Exception as exc:  # any failure is recorded, never dropped
+        result.status = RequestStatus.ABORTED
+        result.abort_reason = f"{type(exc).__name__}: {exc}"
+        return
+    n = completion_tokens if completion_tokens is not None else len(chunks)
+    if n == 0 or not chunks:
+        result.status = RequestStatus.ABORTED
+        result.abort_reason = "no tokens"
+        return
+    result.output_token_ids = [0] * n
+    result.first_token_time = chunks[0]
+    result.token_times = chunks
+    result.max_token_gap = float(np.max(np.diff(chunks))) if len(chunks) > 1 else 0.0
+    result.finished_time = end
+    result.status = RequestStatus.FINISHED
+
+
+async def run_bench_async(base_url: str, model: str, items: Sequence[BenchItem], api_key: str | None = None,
+                          extra_body: dict | None = None, timeout_s: float = 3600.0, progress: bool = True) -> list[Request]:
+    """Send every item at its arrival time; returns one Request per item, finished or aborted."""
+    import httpx
+    from tqdm import tqdm
+
+    url = base_url.rstrip("/") + "/chat/completions"
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    results = [
+        Request(range(max(it.prompt_len, 1)), SamplingParams(max_tokens=it.max_tokens, ignore_eos=it.ignore_eos),
+                request_id=f"bench-{i}", record_token_times=True)
+        for i, it in enumerate(items)
+    ]
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(timeout_s), limits=limits) as client:
+        start = time.perf_counter()
+        bar = tqdm(total=len(items), desc="requests", unit="req", disable=not progress)
+
+        async def tracked(item: BenchItem, result: Request) -> None:
+            await _one(client, url, model, item, start, headers, extra_body or {}, result)
+            bar.update(1)
+
+        await asyncio.gather(*(tracked(it, r) for it, r in zip(items, results)))
+        bar.close()
+    return results
+
+
+def run_bench(base_url: str, model: str, items: Sequence[BenchItem], **kwargs) -> list[Request]:
+    return asyncio.run(run_bench_async(base_url, model, items, **kwargs))
+
+
+def bench_summary(results: Sequence[Request], slo: SLO | None = None) -> dict[str, float]:
+    """The simulator's summary plus inter-token latency and goodput."""
+    out = summarize(results)
+    gaps = np.concatenate([np.diff(r.token_times) for r in results
+                           if r.status is RequestStatus.FINISHED and len(r.token_times) > 1] or [np.zeros(0)])
+    for stat, value in (("mean", gaps.mean() if len(gaps) else float("nan")),
+                        ("p50", np.percentile(gaps, 50) if len(gaps) else float("nan")),
+                        ("p99", np.percentile(gaps, 99) if len(gaps) else float("nan"))):
+        out[f"{stat}_itl_s"] = float(value)
+    if slo is not None:
+        good = 0
+        for r in results:
+            if r.status is not RequestStatus.FINISHED:
+                continue
+            ttft = r.first_token_time - r.arrival_time
+            e2e = r.finished_time - r.arrival_time
+            tpot = (e2e - ttft) / max(r.num_output_tokens - 1, 1)
+            if ((slo.ttft_s is None or ttft <= slo.ttft_s) and (slo.tpot_s is None or tpot <= slo.tpot_s)
+                    and (slo.e2e_s is None or e2e <= slo.e2e_s)):
+                good += 1
+        out["goodput_rps"] = good / out["duration_s"] if out["duration_s"] > 0 else 0.0
+    return out
+
+
+def per_request_rows(results: Sequence[Request]) -> list[dict]:
+    rows = []
+    for r in results:
+        row = {"id": r.request_id, "arrival_s": r.arrival_time, "max_tokens": r.sampling.max_tokens,
+               "status": r.status.value}
+        if r.status is RequestStatus.FINISHED:
+            row.update(ttft_s=r.first_token_time - r.arrival_time, e2e_s=r.finished_time - r.arrival_time,
+                       output_tokens=r.num_output_tokens, max_gap_s=r.max_token_gap)
+        else:
+            row["error"] = r.abort_reason
+        rows.append(row)
+    return rows

@@ -1,0 +1,82 @@
+"""rankserve bench against a live HTTP server (fake executor, real uvicorn): timings and metrics."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import uvicorn
+from test_engine_loop import make_engine
+from test_server import CharTokenizer
+
+from rankserve.bench.client import SLO, bench_summary, build_items, run_bench
+from rankserve.server.app import ServerConfig, build_app
+
+
+@pytest.fixture(scope="module")
+def server():
+    engine, _, pool = make_engine(delay_s=0.002, blocks=512)
+    app = build_app(ServerConfig("tiny", max_model_len=400), CharTokenizer(), engine)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    while not srv.started:
+        time.sleep(0.01)
+    yield f"http://127.0.0.1:{port}/v1", pool
+    srv.should_exit = True
+    thread.join(5)
+    engine.shutdown()
+
+
+def test_bench_times_every_request(server):
+    url, pool = server
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 40, 24)
+    items = build_items([f"prompt {i}" for i in range(24)], lengths, np.sort(rng.uniform(0, 0.3, 24)), True)
+    results = run_bench(url, "tiny", items, progress=False)
+    assert all(r.status.value == "finished" for r in results)
+    assert [r.num_output_tokens for r in results] == lengths.tolist()
+    for r, item in zip(results, items):
+        assert r.arrival_time >= item.arrival_s - 0.01  # sent no earlier than scheduled
+        assert r.arrival_time <= r.first_token_time <= r.finished_time
+        assert len(r.token_times) == r.num_output_tokens
+    summary = bench_summary(results, SLO(ttft_s=10.0))
+    assert summary["num_requests"] == 24 and summary["num_aborted"] == 0
+    assert summary["goodput_rps"] == pytest.approx(summary["throughput_rps"])
+    assert 0 < summary["mean_itl_s"] < summary["mean_latency_s"]
+    assert pool.num_free_device_blocks == 512
+
+
+def test_failures_are_recorded_not_lost(server):
+    url, _ = server
+    items = build_items(["a", "b"], [5, 5], [0.0, 0.0], True)
+    results = run_bench(url, "no-such-model", items, progress=False)
+    assert all(r.status.value == "aborted" and "404" in r.abort_reason for r in results)
+    assert bench_summary(results)["num_aborted"] == 2
+
+
+def test_cli_bench_and_report(server, tmp_path):
+    url, _ = server
+    cmd = [sys.executable, "-m", "rankserve.cli.main"]
+    run = subprocess.run(cmd + ["bench", "--url", url, "--dataset", "synthetic:uniform:2:20", "--num-requests", "12",
+                                "--rates", "20,inf", "--label", "fcfs", "--out", str(tmp_path), "--no-progress"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    records = json.loads((tmp_path / "fcfs.json").read_text())
+    assert [r["spec"]["rate"] for r in records] == [20.0, None]
+    assert all(r["summary"]["num_requests"] == 12 for r in records)
+    rep = subprocess.run(cmd + ["bench-report", str(tmp_path / "fcfs.json"), "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=120)
+    assert rep.returncode == 0, rep.stderr
+    assert (tmp_path / "latency_cdf.png").exists() and "fcfs" in (tmp_path / "report.md").read_text()
+    bad = subprocess.run(cmd + ["bench", "--url", "http://127.0.0.1:9/v1"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "argument --url" in bad.stderr and "Traceback" not in bad.stderr
