@@ -154,8 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--policy", choices=POLICY_NAMES, default="ltr",
                     help="scheduling policy (default: learning to rank with starvation prevention)")
     # Oracle predictors need known output lengths, which live requests do not have.
-    sv.add_argument("--predictor", choices=("ranker", "classifier", "regressor", "probe", "prompt-len"),
-                    default="ranker", help="length predictor for sjf/srpt/ltr/trail (default: the trained ranker)")
+    sv.add_argument("--predictor", choices=("ranker", "classifier", "regressor", "probe", "prompt-len", "oracle"),
+                    default="ranker", help="length predictor for sjf/srpt/ltr/trail (default: the trained ranker; "
+                    "oracle: only for replayed traces, where ignore_eos requests' max_tokens is the length)")
     sv.add_argument("--predictor-weights", default=None,
                     help="trained weights (.safetensors) for --predictor; default: the shipped ones")
     sv.add_argument("--max-num-seqs", type=_checked(_positive_int), default=32)

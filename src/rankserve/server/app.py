@@ -101,8 +101,11 @@ def build_app(config: ServerConfig, tokenizer: TextTokenizer | None, engine: Asy
             sampling = body.sampling(max_tokens or room, app.state.tokenizer.eos_token_id)
         except ValueError as exc:
             raise APIError(400, str(exc)) from None
+        # A request that ignores EOS runs exactly max_tokens tokens (a replayed trace): its length is
+        # known, which is what the oracle predictor reads.
+        known = sampling.max_tokens if sampling.ignore_eos else None
         return Request(prompt_ids, sampling, priority=body.priority, request_id=f"cmpl-{uuid.uuid4().hex}",
-                       prompt_text=prompt_text)
+                       prompt_text=prompt_text, oracle_output_len=known)
 
     async def _run(engine: AsyncEngine, req: Request, stream: TextStream) -> AsyncIterator[tuple[str, str | None]]:
         """Yield (text delta, finish reason or None) as tokens come, ending the request early on
