@@ -1,7 +1,7 @@
 """The second ranker backbone: the served model's own prompt embedding (mean of a layer's hidden
 states over the prompt) with a trained ListMLE head, against the MiniLM ranker on the same prompts.
 
-    python benchmarks/embedding_ranker.py --features out/probe/features-1500-500-8-256.npz \
+    python benchmarks/embedding_ranker.py --features out/probe/features-1000-500-8-256.npz \
         --minilm src/rankserve/learn/weights/ranker-served.safetensors
 
 Uses the teacher-forced features of benchmarks/probe_sweep.py (run that first). Prints a table,

@@ -3,7 +3,7 @@ the remaining-length MAE against tokens generated, refined (Bayesian, every K to
 to the prompt-only predictors.
 
     python benchmarks/probe_sweep.py [--labels src/rankserve/learn/data/labels_smollm2.csv]
-        [--train 1500] [--test 500] [--out out/probe] [--save-best src/rankserve/learn/weights/probe-served.safetensors]
+        [--train 1000] [--test 500] [--out out/probe] [--save-best src/rankserve/learn/weights/probe-served.safetensors]
 
 Features are recomputed by teacher forcing from the label run's token ids (cached in --out).
 Prints tables, writes probe.json and probe_mae.png.
@@ -53,7 +53,7 @@ def prompt_only_mae(features: FeatureSet, weights: Path) -> dict[int, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--labels", type=Path, default=SERVED_LABELS)
-    ap.add_argument("--train", type=int, default=1500)
+    ap.add_argument("--train", type=int, default=1000)
     ap.add_argument("--test", type=int, default=500)
     ap.add_argument("--every", type=int, default=8, help="K: decode steps between refinements")
     ap.add_argument("--max-generated", type=int, default=256)

@@ -1,4 +1,5 @@
-"""The real server (embedded SmolLM2, uvicorn on loopback) driven by the official openai client."""
+"""The real server (embedded SmolLM2, uvicorn on loopback) driven by the official openai client, in
+its default configuration: learning-to-rank scheduling with the shipped ranker."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ def server():
     from rankserve.server.serve import EngineSettings, load_engine
 
     try:
-        loaded = load_engine(EngineSettings(dtype="float32", kv_cache_gb=0.25, swap_space_gb=0.25, max_num_seqs=8))
+        loaded = load_engine(EngineSettings(dtype="float32", kv_cache_gb=0.25, swap_space_gb=0.25, max_num_seqs=8,
+                                            policy="ltr", predictor="ranker"))
     except ModelNotFoundError as exc:
         pytest.skip(str(exc))
     app = build_app(ServerConfig(loaded.model_name, loaded.max_model_len), loaded.tokenizer, loaded.engine)
@@ -85,3 +87,50 @@ def test_seeded_sampling_repeats_and_errors_are_typed(server):
     assert not scheduler.has_work
     scheduler.blocks.check_invariants(scheduler.live_requests())
     assert scheduler.blocks.num_free_device_blocks == scheduler.blocks.device.num_blocks
+
+
+def test_the_ranker_scores_every_request(server):
+    client, loaded = server
+    client.completions.create(model="smollm2-135m-instruct", prompt="Say hi.", max_tokens=2)
+    report = loaded.engine.loop.core.predictor.report()
+    assert report["predictor"] == "ranker" and report["prompts_scored"] >= 1
+
+
+def test_disconnect_mid_stream_frees_blocks(server):
+    client, loaded = server
+    scheduler = loaded.engine.loop.core.scheduler
+    stream = client.completions.create(model="smollm2-135m-instruct", prompt="Tell me a very long story.",
+                                       max_tokens=400, stream=True, extra_body={"ignore_eos": True})
+    got = 0
+    for chunk in stream:
+        got += 1
+        if got == 5:
+            assert scheduler.blocks.num_free_device_blocks < scheduler.blocks.device.num_blocks
+            break
+    stream.close()  # the client goes away mid-stream
+    deadline = time.monotonic() + 20
+    while scheduler.has_work and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not scheduler.has_work
+    scheduler.blocks.check_invariants(scheduler.live_requests())
+    assert scheduler.blocks.num_free_device_blocks == scheduler.blocks.device.num_blocks
+
+
+def test_probe_refines_from_the_engine_taps():
+    """trail + probe on the real model: the classifier orders requests at admission, then the probe
+    refines every running request's length from the hidden states the engine taps."""
+    from rankserve.core.request import Request, SamplingParams
+    from rankserve.server.serve import EngineSettings, build_core
+
+    _, core, _ = build_core(EngineSettings(dtype="bfloat16", kv_cache_gb=0.1, swap_space_gb=0.0, policy="trail",
+                                           predictor="probe", preemption_mode="recompute"))
+    assert core.executor.hidden_layers == (core.predictor.layer,)
+    reqs = [Request(list(range(20, 60 + 9 * i)), SamplingParams(max_tokens=24, ignore_eos=True),
+                    prompt_text=text) for i, text in enumerate(["Say yes.", "Write a long essay on rivers."])]
+    core.add_requests(reqs)
+    initial = [r.predicted_len for r in reqs]
+    while any(not r.status.is_done for r in reqs):
+        core.step()
+    report = core.predictor.report()
+    assert report["refinements"] >= 2 * 3  # after prefill, then every 8 tokens
+    assert [r.predicted_len for r in reqs] != initial
