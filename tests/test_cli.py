@@ -76,3 +76,28 @@ def test_sweep_writes_table_json_and_plot(tmp_path):
     table = (out / "sweep.md").read_text()
     assert "x vs fcfs" in table and "sjf+oracle" in table
     assert (out / "sweep.png").stat().st_size > 10_000
+
+
+def test_simulate_with_the_trained_ranker_scores_sharegpt_prompts(tmp_path):
+    """The reference-label ranker orders simulated ShareGPT prompts better than arrival order."""
+    path = tmp_path / "ranker.json"
+    main(["simulate", "--policy", "sjf", "--predictor", "ranker", "--workload", "sharegpt:test", "--arrival", "burst",
+          "--num-requests", "120", "--hardware", "constant:10", "--max-num-seqs", "8", "--json", str(path)])
+    data = json.loads(path.read_text())
+    assert data["predictor"]["prompts_scored"] == 120 and data["predictor"]["weights"] == "ranker-reference.safetensors"
+    fcfs = tmp_path / "fcfs.json"
+    main(["simulate", "--policy", "fcfs", "--workload", "sharegpt:test", "--arrival", "burst",
+          "--num-requests", "120", "--hardware", "constant:10", "--max-num-seqs", "8", "--json", str(fcfs)])
+    assert data["mean_latency_s"] < json.loads(fcfs.read_text())["mean_latency_s"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["simulate", "--predictor", "ranker", "--workload", "exp:100"], "reads prompt text"),
+    (["simulate", "--predictor", "probe", "--workload", "sharegpt"], "hidden states"),
+    (["serve", "--policy", "srpt", "--predictor", "ranker"], "only ranks"),
+    (["serve", "--predictor-weights", "/nonexistent.safetensors"], "does not exist"),
+])
+def test_learned_predictor_misuse_is_a_flag_error(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2 and message in capsys.readouterr().err

@@ -117,8 +117,14 @@ def tokens_path(out_csv: str | Path) -> Path:
 
 def read_tokens(out_csv: str | Path) -> dict[tuple[str, int], list[int]]:
     """(conv_id, seed) -> generated token ids, for the probe's teacher-forced features."""
+    import gzip
+
     result = {}
-    with open(tokens_path(out_csv), encoding="utf-8") as fh:
+    path = tokens_path(out_csv)
+    # The committed copy is gzipped; a labelling run appends to the plain file.
+    opener = (lambda: open(path, encoding="utf-8")) if path.exists() else \
+        (lambda: gzip.open(path.with_suffix(".jsonl.gz"), "rt", encoding="utf-8"))
+    with opener() as fh:
         for line in fh:
             rec = json.loads(line)
             result[(rec["conv_id"], rec["seed"])] = rec["token_ids"]
