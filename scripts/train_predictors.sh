@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train every prompt-side predictor of docs/PREDICTORS.md and print the tau tables.
 # Shipped weights go to src/rankserve/learn/weights/, the rest to out/predictors/.
-# Usage: scripts/train_predictors.sh [served|reference|all]   (about 4 min per model on 2 cores)
+# Usage: scripts/train_predictors.sh [served|reference|all]   (about 3 min per model on 2 cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RS=${RANKSERVE:-.venv/bin/rankserve}
