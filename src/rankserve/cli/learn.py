@@ -5,11 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from rankserve.learn.datasets import SERVED_LABELS as DEFAULT_LABELS
 from rankserve.learn.labels import LabelConfig
-
-#: Where the committed label files live (shipped with the package).
-DATA_DIR = Path(__file__).resolve().parent.parent / "learn" / "data"
-DEFAULT_LABELS = DATA_DIR / "labels_smollm2.csv"
 
 
 def add_label_command(sub, checked_positive_int, checked_non_negative) -> None:

@@ -7,7 +7,6 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from rankserve.learn.datasets import LabelData
@@ -80,4 +79,3 @@ def set_threads() -> None:
     import os
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    np.seterr(all="ignore")
