@@ -260,7 +260,7 @@ def train_text_model(
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sched.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
         history.append(float(np.mean(losses)))
         if on_epoch is not None:
             on_epoch(epoch, history[-1])
