@@ -21,7 +21,7 @@ if [[ $which == served || $which == all ]]; then
 fi
 if [[ $which == reference || $which == all ]]; then
   # ShareGPT reply lengths reach 1,742 tokens; buckets span 0-1024 (longer ones fall in the last).
-  $RS train ranker     --labels reference --max-train 3000 --out $W/ranker-reference.safetensors
+  $RS train ranker     --labels reference --out $W/ranker-reference.safetensors  # all 7,815 prompts
   $RS train classifier --labels reference --max-train 3000 --buckets 10 --max-output 1024 --out $O/classifier-reference.safetensors
   $RS train classifier --labels reference --max-train 3000 --buckets 100 --max-output 1024 --out $O/classifier100-reference.safetensors
   $RS train regressor  --labels reference --max-train 3000 --max-output 1024 --out $O/regressor-reference.safetensors
