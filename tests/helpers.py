@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from rankserve.core import (
     BlockManager,
     Policy,
@@ -74,3 +80,24 @@ class Harness:
 
 def ran(out: SchedulerOutput) -> list[str]:
     return [r.request_id for r in out.requests]
+
+
+@contextmanager
+def serve_on_loopback(app, timeout_s: float = 30.0) -> Iterator[str]:
+    """Run ``app`` under uvicorn on a free loopback port in a thread; yields its /v1 base URL."""
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout_s
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        server.should_exit = True
+        thread.join(10)

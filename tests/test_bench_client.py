@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
-import threading
-import time
 
 import numpy as np
 import pytest
-import uvicorn
+from helpers import serve_on_loopback
 from test_engine_loop import make_engine
 from test_server import CharTokenizer
 
@@ -23,17 +20,8 @@ from rankserve.server.app import ServerConfig, build_app
 def server():
     engine, _, pool = make_engine(delay_s=0.002, blocks=512)
     app = build_app(ServerConfig("tiny", max_model_len=400), CharTokenizer(), engine)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    while not srv.started:
-        time.sleep(0.01)
-    yield f"http://127.0.0.1:{port}/v1", pool
-    srv.should_exit = True
-    thread.join(5)
+    with serve_on_loopback(app) as url:
+        yield url, pool
     engine.shutdown()
 
 

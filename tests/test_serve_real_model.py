@@ -3,16 +3,15 @@ its default configuration: learning-to-rank scheduling with the shipped ranker."
 
 from __future__ import annotations
 
-import socket
-import threading
 import time
 
 import pytest
+from helpers import serve_on_loopback
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
-uvicorn = pytest.importorskip("uvicorn")
+pytest.importorskip("uvicorn")
 
 
 @pytest.fixture(scope="module")
@@ -27,19 +26,8 @@ def server():
     except ModelNotFoundError as exc:
         pytest.skip(str(exc))
     app = build_app(ServerConfig(loaded.model_name, loaded.max_model_len), loaded.tokenizer, loaded.engine)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not uv.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60)
-    yield client, loaded
-    uv.should_exit = True
-    thread.join(10)
+    with serve_on_loopback(app) as url:
+        yield openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60), loaded
     loaded.engine.shutdown()
 
 
