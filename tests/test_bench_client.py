@@ -68,3 +68,40 @@ def test_cli_bench_and_report(server, tmp_path):
     assert (tmp_path / "latency_cdf.png").exists() and "fcfs" in (tmp_path / "report.md").read_text()
     bad = subprocess.run(cmd + ["bench", "--url", "http://127.0.0.1:9/v1"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "argument --url" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_cli_bench_length_scale_and_data_generation_metrics(server, tmp_path):
+    url, _ = server
+    cmd = [sys.executable, "-m", "rankserve.cli.main"]
+    run = subprocess.run(cmd + ["bench", "--url", url, "--dataset", "synthetic:fixed:20", "--prompt-len", "5",
+                                "--num-requests", "8", "--rates", "inf", "--length-scale", "0.5", "--first-k", "3",
+                                "--time-limit", "60", "--label", "gen", "--out", str(tmp_path), "--no-progress"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    (record,) = json.loads((tmp_path / "gen.json").read_text())
+    assert [r["output_tokens"] for r in record["requests"]] == [10] * 8  # 20 scaled by 0.5
+    assert all(r["prompt_tokens"] > 5 for r in record["requests"])  # the server's count, template included
+    s = record["summary"]
+    assert s["finished_within_limit"] == 8
+    assert 0 < s["time_to_first_k_s"] <= s["duration_s"]
+    assert "time to first K" in run.stdout
+    bad = subprocess.run(cmd + ["bench", "--url", url, "--num-requests", "4", "--first-k", "5"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "argument --first-k" in bad.stderr
+
+
+def test_replayed_lengths_scale_without_reordering():
+    import argparse
+
+    from rankserve.cli.bench import bench_workload
+
+    args = argparse.Namespace(dataset="sharegpt", replay="reference", max_tokens=10_000, length_scale=1.0,
+                              prompt_len=32)
+    texts, full, ignore_eos, _ = bench_workload(args, 50, np.random.default_rng(3))
+    args.length_scale, args.max_tokens = 0.25, 100
+    texts_scaled, scaled, _, _ = bench_workload(args, 50, np.random.default_rng(3))
+    assert ignore_eos and texts_scaled == texts
+    assert scaled.min() >= 1 and scaled.max() <= 100
+    np.testing.assert_array_equal(scaled, np.clip(np.rint(full * 0.25), 1, 100))
+    order = np.argsort(full, kind="stable")
+    assert np.all(np.diff(scaled[order]) >= 0)  # the order of lengths is kept (ties aside)

@@ -96,6 +96,8 @@ def test_simulate_with_the_trained_ranker_scores_sharegpt_prompts(tmp_path):
     (["simulate", "--predictor", "probe", "--workload", "sharegpt"], "hidden states"),
     (["serve", "--policy", "srpt", "--predictor", "ranker"], "only ranks"),
     (["serve", "--predictor-weights", "/nonexistent.safetensors"], "does not exist"),
+    (["serve", "--policy", "ltr", "--policy-arg", "starvation_prevention"], "argument --policy-arg"),
+    (["serve", "--policy", "fcfs", "--policy-arg", "boost_quantum=3"], "argument --policy-arg"),
 ])
 def test_learned_predictor_misuse_is_a_flag_error(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:

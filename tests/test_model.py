@@ -293,6 +293,21 @@ def test_loader_local_dir(tmp_path):
         load_model_dir(str(tmp_path / "empty"))
 
 
+def test_engine_settings_reach_the_scheduler(tmp_path):
+    """`serve --policy-arg` lands in the engine's policy (here: starvation prevention off)."""
+    from rankserve.server.serve import EngineSettings, build_core
+
+    _tiny("llama", tmp_path / "m")
+    settings = EngineSettings(model=str(tmp_path / "m"), dtype="float32", policy="ltr", predictor="oracle", kv_cache_gb=0.01,
+                              swap_space_gb=0.01, policy_params={"starvation_prevention": False,
+                                                                 "starvation_threshold": 7})
+    _, core, _ = build_core(settings)
+    policy = core.scheduler.policy
+    assert policy.starvation_prevention is False and policy.starvation_threshold == 7
+    with pytest.raises(ValueError, match="bad parameters"):
+        build_core(EngineSettings(model=str(tmp_path / "m"), policy="ltr", policy_params={"nope": 1}))
+
+
 def test_loader_missing_package(monkeypatch):
     import importlib.util
 

@@ -60,7 +60,7 @@ async def _one(client, url: str, model: str, item: BenchItem, start: float, head
     sent = time.perf_counter() - start
     result.arrival_time = sent
     chunks: list[float] = []
-    completion_tokens = None
+    completion_tokens = prompt_tokens = None
     try:
         async with client.stream("POST", url, json=body, headers=headers) as response:
             if response.status_code != 200:
@@ -76,6 +76,7 @@ async def _one(client, url: str, model: str, item: BenchItem, start: float, head
                 now = time.perf_counter() - start
                 if event.get("usage"):
                     completion_tokens = event["usage"].get("completion_tokens")
+                    prompt_tokens = event["usage"].get("prompt_tokens")
                 for choice in event.get("choices") or []:
                     if (choice.get("delta") or {}).get("content"):
                         chunks.append(now)
@@ -89,6 +90,8 @@ async def _one(client, url: str, model: str, item: BenchItem, start: float, head
         result.status = RequestStatus.ABORTED
         result.abort_reason = "no tokens"
         return
+    if prompt_tokens:  # the server's count, after its chat template
+        result.prompt_token_ids = range(prompt_tokens)
     result.output_token_ids = [0] * n
     result.first_token_time = chunks[0]
     result.token_times = chunks
@@ -156,7 +159,7 @@ def per_request_rows(results: Sequence[Request]) -> list[dict]:
     rows = []
     for r in results:
         row = {"id": r.request_id, "arrival_s": r.arrival_time, "max_tokens": r.sampling.max_tokens,
-               "status": r.status.value}
+               "prompt_tokens": r.prompt_len, "status": r.status.value}
         if r.status is RequestStatus.FINISHED:
             row.update(ttft_s=r.first_token_time - r.arrival_time, e2e_s=r.finished_time - r.arrival_time,
                        output_tokens=r.num_output_tokens, max_gap_s=r.max_token_gap)

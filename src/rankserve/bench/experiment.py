@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -15,7 +16,7 @@ import numpy as np
 
 from rankserve.bench.workloads import arrival_times, sample_workload
 from rankserve.core.metrics import finished_within, time_to_k_finished
-from rankserve.core.policies import POLICIES
+from rankserve.core.policies import POLICIES, Policy
 from rankserve.core.scheduler import SchedulerConfig
 from rankserve.predict import LEARNED_NAMES, make_predictor
 from rankserve.sim.cost_model import get_cost_model
@@ -117,31 +118,16 @@ def run_spec(spec: SimSpec, progress: bool = False) -> tuple[dict[str, Any], Sim
     rng = np.random.default_rng(spec.seed)
     lengths, rows = sample_workload(spec.workload, spec.num_requests, rng, prompt_len=spec.prompt_len)
     arrivals = arrival_times(spec.arrival, spec.rate, spec.num_requests, rng)
-    cost = get_cost_model(spec.hardware)
-    policy = make_sim_policy(spec.policy, cost, **spec.policy_params)
-    predictor = None
-    if spec.predictor is not None and policy.needs_prediction:
-        # Simulations replay ShareGPT reference lengths: learned predictors use the weights
-        # trained on those labels.
-        predictor = make_predictor(
-            spec.predictor, spec.target_tau, spec.seed, calibration_lengths=lengths[:, 1], labels="reference"
-        )
     texts = None
-    if spec.predictor in LEARNED_NAMES and predictor is not None:
+    if spec.predictor in LEARNED_NAMES and POLICIES[spec.policy].needs_prediction:
         if rows is None:
             raise ValueError(f"predictor '{spec.predictor}' reads prompt text: use a sharegpt workload")
         from rankserve.learn.sharegpt import load_prompts
 
         prompts = load_prompts()
         texts = [prompts[r].text for r in rows]
-    config = SchedulerConfig(
-        max_num_seqs=spec.max_num_seqs,
-        max_num_batched_tokens=spec.max_num_batched_tokens,
-        preemption_mode=spec.preemption_mode,
-    )
-    result = simulate(
-        build_requests(lengths, arrivals, texts=texts), policy, predictor, cost, config, spec.block_size, progress
-    )
+    # Simulations replay ShareGPT reference lengths: learned predictors use the weights trained on those labels.
+    result, policy = simulate_trace(spec, lengths, arrivals, texts, labels="reference", progress=progress)
     summary = dict(result.summary)
     start = float(arrivals.min()) if len(arrivals) else 0.0
     if spec.first_k is not None:
@@ -158,6 +144,27 @@ def run_spec(spec: SimSpec, progress: bool = False) -> tuple[dict[str, Any], Sim
         "sim": {"steps": result.num_steps, "wall_time_s": result.wall_time_s, "busy_s": result.busy_s},
     }
     return record, result
+
+
+def simulate_trace(spec: SimSpec, lengths: np.ndarray, arrivals: np.ndarray, texts: Sequence[str] | None = None,
+                   labels: str = "reference", progress: bool = False) -> tuple[SimResult, Policy]:
+    """Simulate ``spec``'s system (policy, predictor, hardware, batch limits) on given requests:
+    ``lengths`` rows of (prompt, output) tokens, arrival times in seconds, and the prompts' texts
+    for predictors that read them (trained on ``labels``, served or reference)."""
+    cost = get_cost_model(spec.hardware)
+    policy = make_sim_policy(spec.policy, cost, **spec.policy_params)
+    predictor = None
+    if spec.predictor is not None and policy.needs_prediction:
+        predictor = make_predictor(
+            spec.predictor, spec.target_tau, spec.seed, calibration_lengths=lengths[:, 1], labels=labels
+        )
+    config = SchedulerConfig(
+        max_num_seqs=spec.max_num_seqs,
+        max_num_batched_tokens=spec.max_num_batched_tokens,
+        preemption_mode=spec.preemption_mode,
+    )
+    requests = build_requests(lengths, arrivals, texts=texts)
+    return simulate(requests, policy, predictor, cost, config, spec.block_size, progress), policy
 
 
 def _run_record(spec: SimSpec) -> dict[str, Any]:

@@ -17,6 +17,11 @@ COLUMNS = (
     ("p99_max_wait_s", "p99 max wait s", 1.0),
     ("preemptions", "preempt", 1.0),
 )
+# Synthetic data generation columns, shown when some record has them.
+OPTIONAL_COLUMNS = (
+    ("time_to_first_k_s", "time to first K s", 1.0),
+    ("finished_within_limit", "done in limit", 1.0),
+)
 
 
 def summary_line(record: dict[str, Any]) -> str:
@@ -33,7 +38,8 @@ def summary_line(record: dict[str, Any]) -> str:
 def markdown_table(records: Sequence[dict[str, Any]], baseline: str | None = None) -> str:
     """One row per record; with ``baseline`` (a system name), a column of mean latency per token
     relative to that system at the same rate (baseline / this: > 1 means better)."""
-    head = ["system", "rate"] + [title for _, title, _ in COLUMNS]
+    columns = COLUMNS + tuple(c for c in OPTIONAL_COLUMNS if any(c[0] in r["summary"] for r in records))
+    head = ["system", "rate"] + [title for _, title, _ in columns]
     base_by_rate = {}
     if baseline is not None:
         head.append(f"x vs {baseline}")
@@ -47,9 +53,12 @@ def markdown_table(records: Sequence[dict[str, Any]], baseline: str | None = Non
         s = r["summary"]
         rate = r["spec"]["rate"]
         cells = [r["system"], "burst" if rate is None else f"{rate:g}"]
-        for key, _, scale in COLUMNS:
+        for key, _, scale in columns:
+            if key not in s:
+                cells.append("")
+                continue
             value = s[key] * scale
-            cells.append(f"{value:.0f}" if key == "preemptions" else f"{value:.3g}")
+            cells.append(f"{value:.0f}" if key in ("preemptions", "finished_within_limit") else f"{value:.3g}")
         if baseline is not None:
             base = base_by_rate.get(rate)
             cells.append(f"{base / s['mean_latency_per_token_s']:.2f}" if base else "")

@@ -25,6 +25,13 @@ def add_bench_commands(sub, checked) -> None:
     b.add_argument("--rates", type=checked["rates"], default=[2.0], help="comma-separated req/s (inf = burst)")
     b.add_argument("--arrival", default="poisson", help=f"arrival process: {ARRIVAL_FORMS}")
     b.add_argument("--max-tokens", type=checked["positive_int"], default=384, help="output cap")
+    b.add_argument("--length-scale", type=checked["rate"], default=1.0,
+                   help="multiply replayed lengths by this before the cap (e.g. 0.25 keeps ShareGPT's spread "
+                        "at a quarter of the work, for slow hardware); the order of lengths is unchanged")
+    b.add_argument("--first-k", type=checked["positive_int"], default=None,
+                   help="synthetic data generation: report the time until any K requests finished")
+    b.add_argument("--time-limit", type=checked["rate"], default=None,
+                   help="synthetic data generation: report how many finished within this many seconds")
     b.add_argument("--prompt-len", type=checked["positive_int"], default=32, help="synthetic prompts' length")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--label", default="run", help="system name in tables and plots (e.g. the server's policy)")
@@ -42,18 +49,16 @@ def add_bench_commands(sub, checked) -> None:
     r.set_defaults(run=cmd_bench_report, parser=r)
 
 
-def _workload(args, parser, n: int, rng: np.random.Generator):
-    """(prompts, max_tokens, ignore_eos, prompt_lens) for the bench's dataset and replay mode."""
+def bench_workload(args, n: int, rng: np.random.Generator):
+    """(prompts, max_tokens, ignore_eos, prompt_lens) for the bench's dataset and replay mode;
+    ``args`` needs dataset, replay, max_tokens, length_scale and prompt_len. Raises ValueError
+    on a bad dataset."""
     if args.dataset.startswith("synthetic:"):
-        spec = args.dataset[len("synthetic:"):]
-        try:
-            lengths = sample_lengths(spec, n, rng, prompt_len=args.prompt_len)
-        except ValueError as exc:
-            parser.error(f"argument --dataset: {exc}")
+        lengths = sample_lengths(args.dataset[len("synthetic:"):], n, rng, prompt_len=args.prompt_len)
         prompts = [" ".join(["hello"] * int(p)) for p in lengths[:, 0]]
-        return prompts, np.minimum(lengths[:, 1], args.max_tokens), True, lengths[:, 0]
+        return prompts, _replayed(lengths[:, 1], args), True, lengths[:, 0]
     if args.dataset != "sharegpt":
-        parser.error(f"argument --dataset: expected sharegpt or synthetic:SPEC, got {args.dataset!r}")
+        raise ValueError(f"expected sharegpt or synthetic:SPEC, got {args.dataset!r}")
     from rankserve.learn.sharegpt import load_prompts
 
     pool = [p for p in load_prompts() if p.split == "test"]
@@ -67,7 +72,13 @@ def _workload(args, parser, n: int, rng: np.random.Generator):
     if args.replay == "none":
         return [p.text for p in picked], np.full(n, args.max_tokens), False, None
     recorded = [served[p.conv_id] if args.replay == "served" else p.reference_len for p in picked]
-    return [p.text for p in picked], np.minimum(np.maximum(recorded, 1), args.max_tokens), True, None
+    return [p.text for p in picked], _replayed(recorded, args), True, None
+
+
+def _replayed(lengths, args) -> np.ndarray:
+    """Recorded output lengths scaled by --length-scale, at least 1 and at most --max-tokens."""
+    scaled = np.rint(np.asarray(lengths, dtype=float) * args.length_scale)
+    return np.clip(scaled, 1, args.max_tokens).astype(int)
 
 
 def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -75,6 +86,7 @@ def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     from rankserve.bench.client import SLO, bench_summary, build_items, per_request_rows, run_bench
     from rankserve.bench.report import markdown_table, plot_latency_vs_rate
+    from rankserve.core.metrics import finished_within, time_to_k_finished
 
     model = args.model
     if model is None:
@@ -83,11 +95,18 @@ def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             model = httpx.get(args.url.rstrip("/") + "/models", headers=headers, timeout=10).json()["data"][0]["id"]
         except Exception as exc:
             parser.error(f"argument --url: cannot list models at {args.url} ({exc})")
+    if not math.isfinite(args.length_scale):
+        parser.error("argument --length-scale: must be finite")
+    if args.first_k is not None and args.first_k > args.num_requests:
+        parser.error(f"argument --first-k: {args.first_k} is more than --num-requests {args.num_requests}")
     slo = SLO(args.slo_ttft, args.slo_tpot) if args.slo_ttft or args.slo_tpot else None
     records = []
     for rate in args.rates:
         rng = np.random.default_rng(args.seed)
-        prompts, max_tokens, ignore_eos, prompt_lens = _workload(args, parser, args.num_requests, rng)
+        try:
+            prompts, max_tokens, ignore_eos, prompt_lens = bench_workload(args, args.num_requests, rng)
+        except ValueError as exc:
+            parser.error(f"argument --dataset: {exc}")
         try:
             arrivals = arrival_times(args.arrival, rate, args.num_requests, rng)
         except ValueError as exc:
@@ -95,10 +114,20 @@ def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         items = build_items(prompts, max_tokens, arrivals, ignore_eos, prompt_lens)
         results = run_bench(args.url, model, items, api_key=args.api_key, progress=not args.no_progress)
         summary = bench_summary(results, slo)
+        start = float(min(arrivals))
+        if args.first_k is not None:
+            try:
+                summary["time_to_first_k_s"] = time_to_k_finished(results, args.first_k, start)
+                summary["first_k_throughput_rps"] = args.first_k / summary["time_to_first_k_s"]
+            except ValueError as exc:  # too many requests failed: report it, keep the run
+                print(f"warning: --first-k: {exc}")
+        if args.time_limit is not None:
+            summary["finished_within_limit"] = finished_within(results, args.time_limit, start)
         records.append({
             "system": args.label,
             "spec": {"rate": None if math.isinf(rate) else rate, "dataset": args.dataset, "replay": args.replay,
                      "arrival": args.arrival, "num_requests": args.num_requests, "max_tokens": args.max_tokens,
+                     "length_scale": args.length_scale, "first_k": args.first_k, "time_limit_s": args.time_limit,
                      "seed": args.seed, "url": args.url, "model": model},
             "summary": summary,
             "requests": per_request_rows(results),

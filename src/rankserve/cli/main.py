@@ -153,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     sv.add_argument("--policy", choices=POLICY_NAMES, default="ltr",
                     help="scheduling policy (default: learning to rank with starvation prevention)")
+    sv.add_argument("--policy-arg", action="append", default=[], metavar="KEY=VALUE",
+                    help="a policy parameter, e.g. starvation_prevention=false for ltr (repeatable)")
     # Oracle predictors need known output lengths, which live requests do not have.
     sv.add_argument("--predictor", choices=("ranker", "classifier", "regressor", "probe", "prompt-len", "oracle"),
                     default="ranker", help="length predictor for sjf/srpt/ltr/trail (default: the trained ranker; "
@@ -278,11 +280,16 @@ def cmd_sweep(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from rankserve.core.policies import POLICIES
+    from rankserve.core.policies import POLICIES, make_policy
     from rankserve.model.loader import ModelNotFoundError
     from rankserve.server.serve import EngineSettings, serve
 
     policy = POLICIES[args.policy]
+    try:
+        policy_params = parse_params(",".join(args.policy_arg))
+        make_policy(args.policy, **policy_params)
+    except ValueError as exc:
+        parser.error(f"argument --policy-arg: {exc}")
     if policy.needs_lengths and args.predictor == "ranker":
         parser.error(f"argument --predictor: policy '{args.policy}' needs predicted lengths; the ranker only "
                      "ranks (use classifier, regressor or probe)")
@@ -293,7 +300,7 @@ def cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         if not weights.is_file():
             parser.error(f"argument --predictor-weights: {weights} does not exist (see docs/PREDICTORS.md)")
     settings = EngineSettings(
-        model=args.model, dtype=args.dtype, policy=args.policy,
+        model=args.model, dtype=args.dtype, policy=args.policy, policy_params=policy_params,
         predictor=args.predictor if policy.needs_prediction else None,
         predictor_weights=args.predictor_weights,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,

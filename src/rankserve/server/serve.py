@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from rankserve.core.block_manager import BlockManager
 from rankserve.core.policies import make_policy
@@ -44,6 +44,7 @@ class EngineSettings:
     model: str | None = None  # None: the embedded SmolLM2-135M-Instruct
     dtype: str = "bfloat16"  # or "float32"
     policy: str = "fcfs"
+    policy_params: dict = field(default_factory=dict)  # e.g. {"starvation_prevention": False}
     predictor: str | None = None
     max_num_seqs: int = 32
     max_num_batched_tokens: int = 1024
@@ -91,7 +92,7 @@ def build_core(settings: EngineSettings):
         max_model_len=max_len,
     )
     blocks = BlockManager(device_blocks, host_blocks, settings.block_size)
-    scheduler = Scheduler(config, make_policy(settings.policy), blocks, clock)
+    scheduler = Scheduler(config, make_policy(settings.policy, **settings.policy_params), blocks, clock)
     predictor = make_predictor(settings.predictor, weights=settings.predictor_weights) if settings.predictor else None
     # A refining predictor reads the layer it was trained on from the engine's taps.
     layers = (predictor.layer,) if predictor is not None and predictor.refines else ()
