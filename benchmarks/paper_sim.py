@@ -1,6 +1,7 @@
 """The learning-to-rank paper's experiments in the simulator, at GPU scale.
 
     python benchmarks/paper_sim.py [--hardware a100-llama3-8b] [--out out/paper_sim]
+        [--workload sharegpt:test --systems fcfs ltr+ranker ... --fairness ... --rates 22,28]
 
 1. chatbot serving: ShareGPT, Poisson arrivals over rates that pass FCFS saturation;
 2. a burst of 2,000 requests at t = 0;
@@ -44,16 +45,22 @@ def main() -> None:
     parser.add_argument("--hardware", default="a100-llama3-8b", choices=sorted(RATES))
     parser.add_argument("--num-requests", type=int, default=2000, help="per chatbot run")
     parser.add_argument("--syn-prompts", type=int, default=10_000)
+    parser.add_argument("--workload", default="sharegpt",
+                        help="sharegpt:test for learned predictors (they were trained on the train split)")
+    parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), help="POLICY[:k=v,...][+PREDICTOR[@TAU]]")
+    parser.add_argument("--fairness", nargs="+", default=list(FAIRNESS), help="systems of the fairness runs")
+    parser.add_argument("--rates", default=None, help="comma-separated chatbot rates (default: per hardware)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("out/paper_sim"))
     args = parser.parse_args()
     out = args.out / args.hardware
     out.mkdir(parents=True, exist_ok=True)
-    base = SimSpec(hardware=args.hardware, num_requests=args.num_requests, workload="sharegpt")
-    systems = [parse_system(s, base) for s in SYSTEMS]
+    rates = [float(r) for r in args.rates.split(",")] if args.rates else RATES[args.hardware]
+    base = SimSpec(hardware=args.hardware, num_requests=args.num_requests, workload=args.workload)
+    systems = [parse_system(s, base) for s in args.systems]
     sections = []
 
-    chat = run_grid(sweep_specs(systems, RATES[args.hardware]), args.workers)
+    chat = run_grid(sweep_specs(systems, rates), args.workers)
     plot_latency_vs_rate(chat, out / "chatbot.png", f"{args.hardware}, ShareGPT, Poisson")
     sections.append(("Chatbot serving (Poisson)", markdown_table(chat, baseline="fcfs"), chat))
 
@@ -70,8 +77,8 @@ def main() -> None:
         syn,
     ))
 
-    fair_systems = [parse_system(s, base) for s in FAIRNESS]
-    fair_rates = [r for r in RATES[args.hardware] if r >= RATES[args.hardware][len(RATES[args.hardware]) // 2]]
+    fair_systems = [parse_system(s, base) for s in args.fairness]
+    fair_rates = [r for r in rates if r >= rates[len(rates) // 2]]
     fair = run_grid(sweep_specs(fair_systems, fair_rates) + [replace(s, rate=float("inf")) for s in fair_systems],
                     args.workers)
     sections.append(("Fairness: starvation prevention on and off", markdown_table(fair), fair))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -80,9 +81,9 @@ def main() -> None:
         x, y, _ = training_samples(features, layer, "train")
         return train_probe(ProbeConfig(layer=layer, hidden_size=x.shape[1], bins=bins, max_len=max_len), x, y)
 
-    def raw_mae(probe, layer: int) -> dict[int, float]:
+    def raw_mae(probe, layer: int, estimator: str = "mean") -> dict[int, float]:
         x, y, g = training_samples(features, layer, "test")
-        est = probe.expected(probe.probs(torch.from_numpy(x))).numpy()
+        est = probe.estimate(probe.probs(torch.from_numpy(x)), estimator).numpy()
         return {int(k): mean_abs_error(est[g == k], y[g == k]) for k in REPORT_AT if np.any(g == k)}
 
     sweep = {}
@@ -94,12 +95,13 @@ def main() -> None:
     best_layer = min(sweep, key=lambda k: np.mean(list(sweep[k]["mae"].values())))
     log_probe = fit(best_layer, "log")
     variants = {"uniform": sweep[best_layer]["probe"], "log": log_probe}
-    curves = {}
+    curves, refined_curves = {}, {}
     for name, probe in variants.items():
-        refined = refined_estimates(probe, features, "test")
-        curves[f"probe ({name} bins)"] = raw_mae(probe, best_layer)
-        curves[f"probe ({name} bins), refined every {args.every}"] = {
-            g: mean_abs_error(*refined[g]) for g in REPORT_AT if g in refined}
+        for estimator in ("mean", "median"):
+            refined = refined_estimates(probe, features, "test", estimator)
+            curves[f"probe ({name} bins, {estimator})"] = raw_mae(probe, best_layer, estimator)
+            refined_curves[name, estimator] = {g: mean_abs_error(*refined[g]) for g in REPORT_AT if g in refined}
+            curves[f"probe ({name} bins, {estimator}), refined every {args.every}"] = refined_curves[name, estimator]
     for path in args.prompt_models:
         curves[f"prompt-only: {path.stem}"] = prompt_only_mae(features, path)
 
@@ -122,10 +124,12 @@ def main() -> None:
     }, indent=2) + "\n")
     _plot(curves, args.out / "probe_mae.png")
     if args.save_best is not None:
-        best_bins = min(variants, key=lambda n: np.mean(list(curves[f"probe ({n} bins), refined every {args.every}"].values())))
-        variants[best_bins].save(args.save_best, extra={"trained_on": str(args.labels), "train_requests": args.train,
-                                                       "layer_sweep": {k: v["mae"] for k, v in sweep.items()}})
-        print(f"saved the {best_bins}-bin probe at layer {best_layer} to {args.save_best}")
+        best_bins, estimator = min(refined_curves, key=lambda k: np.mean(list(refined_curves[k].values())))
+        best = variants[best_bins]
+        best.config = replace(best.config, estimator=estimator)
+        best.save(args.save_best, extra={"trained_on": str(args.labels), "train_requests": args.train,
+                                         "layer_sweep": {k: v["mae"] for k, v in sweep.items()}})
+        print(f"saved the {best_bins}-bin probe at layer {best_layer} ({estimator} estimates) to {args.save_best}")
 
 
 def _plot(curves: dict[str, dict[int, float]], path: Path) -> None:

@@ -62,6 +62,7 @@ def test_cli_bench_and_report(server, tmp_path):
     records = json.loads((tmp_path / "fcfs.json").read_text())
     assert [r["spec"]["rate"] for r in records] == [20.0, None]
     assert all(r["summary"]["num_requests"] == 12 for r in records)
+    assert all(r["summary"]["preemptions"] == 0 for r in records)  # read from the server's /metrics
     rep = subprocess.run(cmd + ["bench-report", str(tmp_path / "fcfs.json"), "--out", str(tmp_path)],
                          capture_output=True, text=True, timeout=120)
     assert rep.returncode == 0, rep.stderr
@@ -105,3 +106,22 @@ def test_replayed_lengths_scale_without_reordering():
     np.testing.assert_array_equal(scaled, np.clip(np.rint(full * 0.25), 1, 100))
     order = np.argsort(full, kind="stable")
     assert np.all(np.diff(scaled[order]) >= 0)  # the order of lengths is kept (ties aside)
+
+
+def test_server_preemptions_reads_the_vllm_counter(monkeypatch):
+    import httpx
+
+    from rankserve.bench.client import server_preemptions
+
+    pages = {
+        "http://h:1/metrics": ('# TYPE vllm:num_preemptions_total counter\n'
+                               'vllm:num_preemptions_total{model_name="a"} 3.0\n'
+                               'vllm:num_preemptions_total{model_name="b"} 4.0\n'
+                               'vllm:num_preemptions_created{model_name="a"} 1.7e9\n'),
+        "http://h:2/metrics": "# HELP vllm:num_preemptions Requests taken out\n# TYPE vllm:num_preemptions counter\n",
+        "http://h:3/metrics": "process_cpu_seconds_total 1.0\n",
+    }
+    monkeypatch.setattr(httpx, "get", lambda url, **kw: httpx.Response(200, text=pages[url]))
+    assert server_preemptions("http://h:1/v1") == 7
+    assert server_preemptions("http://h:2/v1/") == 0  # declared, no sample yet
+    assert server_preemptions("http://h:3/v1") is None  # a server without the metric

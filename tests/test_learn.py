@@ -90,6 +90,17 @@ def test_probe_update_is_a_normalised_product():
     assert torch.equal(disjoint, torch.tensor([0, 0, 0, 1.0]))  # no NaN: falls back to the probe
 
 
+def test_probe_median_interpolates_inside_the_middle_bin():
+    probe = Probe(ProbeConfig(hidden_size=8, width=4, num_bins=4, max_len=400))  # bins of 100 tokens
+    probs = torch.tensor([[0.25, 0.25, 0.25, 0.25], [0.0, 0.0, 0.0, 1.0], [0.6, 0.4, 0.0, 0.0], [0.1, 0.1, 0.1, 0.7]])
+    torch.testing.assert_close(probe.median(probs), torch.tensor([200.0, 350.0, 0.5 / 0.6 * 100, 300 + 0.2 / 0.7 * 100]))
+    # A skewed distribution pulls the mean towards its tail, not the median.
+    assert probe.estimate(probs[3], "mean") < probe.estimate(probs[3], "median")
+    assert probe.estimate(probs[2], "median") < probe.estimate(probs[2], "mean")
+    with pytest.raises(ValueError, match="mean or median"):
+        probe.estimate(probs, "mode")
+
+
 def test_probe_learns_remaining_length_from_states():
     # States that encode the remaining length (plus noise): the probe must beat the mean guess.
     rng = np.random.default_rng(0)
@@ -231,3 +242,11 @@ def test_text_model_learns_and_predicts_through_the_interface(kind, tmp_path):
     assert pred.report()["prompts_scored"] == 40
     with pytest.raises(ValueError, match="prompt text"):
         pred.score([Request([1], SamplingParams())])
+    # Seen prompts come from the bounded cache, with the same prediction as the first time.
+    small = TextModelPredictor(tmp_path / "m.safetensors", cache_size=8)
+    again = [Request([1, 2], SamplingParams(max_tokens=8), prompt_text=t) for t in test_texts[:4] * 2]
+    small.score(again)
+    assert small.report()["cache_hits"] == 4 and [r.score for r in again[:4]] == [r.score for r in again[4:]]
+    np.testing.assert_allclose([r.score for r in again[:4]], [r.score for r in reqs[:4]], rtol=1e-3, atol=1e-4)
+    small.score([Request([1, 2], SamplingParams(max_tokens=8), prompt_text=t) for t in test_texts])
+    assert len(small._cache) == 8  # bounded

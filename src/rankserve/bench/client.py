@@ -155,6 +155,24 @@ def bench_summary(results: Sequence[Request], slo: SLO | None = None) -> dict[st
     return out
 
 
+def server_preemptions(base_url: str, api_key: str | None = None) -> int | None:
+    """The server's ``vllm:num_preemptions_total`` (rankserve and vLLM both export it), summed over
+    labels; None if the server has no such metric. A client cannot see preemptions any other way."""
+    import httpx
+
+    root = base_url.rstrip("/").removesuffix("/v1")
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        text = httpx.get(root + "/metrics", headers=headers, timeout=10).text
+    except httpx.HTTPError:
+        return None
+    if "vllm:num_preemptions" not in text:
+        return None
+    # A labelled counter has no sample until its first increment: then it is 0.
+    return int(sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("vllm:num_preemptions_total")))
+
+
 def per_request_rows(results: Sequence[Request]) -> list[dict]:
     rows = []
     for r in results:

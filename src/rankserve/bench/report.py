@@ -54,7 +54,7 @@ def markdown_table(records: Sequence[dict[str, Any]], baseline: str | None = Non
         rate = r["spec"]["rate"]
         cells = [r["system"], "burst" if rate is None else f"{rate:g}"]
         for key, _, scale in columns:
-            if key not in s:
+            if s.get(key) is None:  # not measured (e.g. preemptions of a server without the metric)
                 cells.append("")
                 continue
             value = s[key] * scale

@@ -84,7 +84,8 @@ def _replayed(lengths, args) -> np.ndarray:
 def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import httpx
 
-    from rankserve.bench.client import SLO, bench_summary, build_items, per_request_rows, run_bench
+    from rankserve.bench.client import (SLO, bench_summary, build_items, per_request_rows, run_bench,
+                                        server_preemptions)
     from rankserve.bench.report import markdown_table, plot_latency_vs_rate
     from rankserve.core.metrics import finished_within, time_to_k_finished
 
@@ -112,8 +113,13 @@ def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         except ValueError as exc:
             parser.error(f"argument --arrival: {exc}")
         items = build_items(prompts, max_tokens, arrivals, ignore_eos, prompt_lens)
+        preempted_before = server_preemptions(args.url, args.api_key)
         results = run_bench(args.url, model, items, api_key=args.api_key, progress=not args.no_progress)
         summary = bench_summary(results, slo)
+        preempted_after = server_preemptions(args.url, args.api_key)
+        # The client sees no preemptions: take them from the server's counter when it has one.
+        summary["preemptions"] = (preempted_after - preempted_before
+                                  if preempted_before is not None and preempted_after is not None else None)
         start = float(min(arrivals))
         if args.first_k is not None:
             try:

@@ -12,7 +12,9 @@ GPU-scale simulations use).
 
 from __future__ import annotations
 
+import hashlib
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -38,31 +40,45 @@ def _text_of(req: Request) -> str:
 
 
 class TextModelPredictor(Predictor):
-    """A MiniLM-based ranker, bucket classifier or regressor over the prompt text."""
+    """A MiniLM-based ranker, bucket classifier or regressor over the prompt text. Predictions of
+    recently seen prompts are kept (up to ``cache_size``, by a digest of the text): the same prompt
+    always gets the same prediction, and simulations and chat servers see prompts again."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, cache_size: int = 65_536) -> None:
         from rankserve.learn.text_model import TextLengthModel
 
         self.path = Path(path)
         self.model = TextLengthModel.load(self.path)
         self.name = self.model.config.kind
         self.gives_lengths = self.model.config.kind != "ranker"
+        self.cache_size = cache_size
+        self._cache: OrderedDict[bytes, tuple[float, float | None]] = OrderedDict()
         self.num_scored = 0
+        self.num_cache_hits = 0
         self.score_time_s = 0.0
 
     def score(self, requests: Sequence[Request]) -> None:
         if not requests:
             return
         started = time.perf_counter()
-        scores, lengths = self.model.predict_texts([_text_of(r) for r in requests])
-        for i, req in enumerate(requests):
-            req.set_prediction(float(scores[i]), None if lengths is None else float(lengths[i]))
+        keys = [hashlib.blake2b(_text_of(r).encode(), digest_size=16).digest() for r in requests]
+        missing = list({k: r for k, r in zip(keys, requests) if k not in self._cache}.items())
+        if missing:
+            scores, lengths = self.model.predict_texts([_text_of(r) for _, r in missing])
+            for i, (key, _) in enumerate(missing):
+                self._cache[key] = (float(scores[i]), None if lengths is None else float(lengths[i]))
+        for key, req in zip(keys, requests):
+            self._cache.move_to_end(key)
+            req.set_prediction(*self._cache[key])
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
         self.num_scored += len(requests)
+        self.num_cache_hits += len(requests) - len(missing)
         self.score_time_s += time.perf_counter() - started
 
     def report(self) -> dict[str, Any]:
         return {"predictor": self.name, "weights": self.path.name, "prompts_scored": self.num_scored,
-                "score_time_s": round(self.score_time_s, 3)}
+                "cache_hits": self.num_cache_hits, "score_time_s": round(self.score_time_s, 3)}
 
 
 class ProbePredictor(Predictor):
@@ -120,7 +136,7 @@ class ProbePredictor(Predictor):
                     _, prior, at = self._posterior[req.seq]
                     post = self.probe.update(self.probe.advance(prior, generated - at), p)
                 self._posterior[req.seq] = (req, post, generated)
-                req.predicted_len = generated + float(self.probe.expected(post))
+                req.predicted_len = generated + float(self.probe.estimate(post, self.probe.config.estimator))
             self.num_refinements += len(due)
         if len(self._posterior) > 4 * max(len(requests), 64):  # forget finished requests now and then
             self._posterior = {k: v for k, v in self._posterior.items() if not v[0].status.is_done}

@@ -38,6 +38,7 @@ class ProbeConfig:
     bins: str = "uniform"  # uniform | log
     num_bins: int = 10
     max_len: int = 384
+    estimator: str = "mean"  # how the predictor reads a bin distribution: mean or median
 
     def edges(self) -> np.ndarray:
         return bin_edges(self.bins, self.num_bins, self.max_len)
@@ -71,6 +72,23 @@ class Probe(nn.Module):
 
     def expected(self, probs: torch.Tensor) -> torch.Tensor:
         return probs @ self.mids
+
+    def median(self, probs: torch.Tensor) -> torch.Tensor:
+        """The distribution's median, with mass spread evenly inside each bin: the estimate with the
+        least expected absolute error (the mean's is least squared error)."""
+        cdf = probs.cumsum(-1)
+        i = torch.searchsorted(cdf.contiguous(), torch.full_like(cdf[..., :1], 0.5)).clamp(max=probs.shape[-1] - 1)
+        below = torch.gather(cdf, -1, i) - torch.gather(probs, -1, i)
+        inside = ((0.5 - below) / torch.gather(probs, -1, i).clamp(min=1e-12)).clamp(0.0, 1.0)
+        return (self.edges[i] + inside * self.widths[i]).squeeze(-1)
+
+    def estimate(self, probs: torch.Tensor, estimator: str = "mean") -> torch.Tensor:
+        """A remaining-length estimate from bin probabilities: ``mean`` or ``median``."""
+        if estimator == "mean":
+            return self.expected(probs)
+        if estimator == "median":
+            return self.median(probs)
+        raise ValueError(f"estimator must be mean or median, got {estimator!r}")
 
     def advance(self, posterior: torch.Tensor, tokens: int) -> torch.Tensor:
         """Move a bin distribution ``tokens`` tokens forward: each token, bin i > 0 passes
@@ -151,7 +169,8 @@ def train_probe(config: ProbeConfig, states: np.ndarray, remaining: np.ndarray, 
     return probe
 
 
-def refined_estimates(probe: Probe, features, split: str) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+def refined_estimates(probe: Probe, features, split: str,
+                      estimator: str = "mean") -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """Per generated count g: (refined remaining-length estimates, true remaining) over the split's
     requests still running at g. The posterior starts from the prompt-mean probe at g = 0 and is
     updated at every kept state (every K tokens), moved forward by the tokens in between."""
@@ -167,7 +186,7 @@ def refined_estimates(probe: Probe, features, split: str) -> dict[int, tuple[np.
             post, last_g = start[k], 0
             length = int(features.output_len[row])
             result.setdefault(0, ([], []))
-            result[0][0].append(float(probe.expected(post)))
+            result[0][0].append(float(probe.estimate(post, estimator)))
             result[0][1].append(length)
             idx = sorted(by_owner.get(int(row), []), key=lambda i: features.dec_generated[i])
             if idx:
@@ -177,7 +196,7 @@ def refined_estimates(probe: Probe, features, split: str) -> dict[int, tuple[np.
                 post = probe.update(probe.advance(post, g - last_g), obs[j])
                 last_g = g
                 est, true = result.setdefault(g, ([], []))
-                est.append(float(probe.expected(post)))
+                est.append(float(probe.estimate(post, estimator)))
                 true.append(length - g)
     return {g: (np.array(e), np.array(t)) for g, (e, t) in result.items()}
 
