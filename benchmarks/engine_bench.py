@@ -2,7 +2,7 @@
 OpenAI server) loaded by `rankserve bench` with the same trace at the same rates.
 
     python benchmarks/engine_bench.py [--systems fcfs mlfq sjf+ranker ltr+ranker trail+probe ltr+oracle]
-        [--rates 1,2,3] [--num-requests 100] [--replay reference] [--length-scale 0.25] [--max-tokens 256]
+        [--rates 0.75,1.5,3] [--num-requests 100] [--replay reference] [--length-scale 0.25] [--max-tokens 256]
         [--max-num-seqs 16] [--arrival poisson] [--vllm-python /work/vllm-venv/bin/python]
         [--simulate cpu-smollm2-135m] [--plan] [--out out/engine_bench]
 
@@ -90,7 +90,7 @@ def predictor_weights(predictor: str, args) -> Path | None:
     replies where they exist (the probe has none: it reads the served model's own states)."""
     from rankserve.learn.predictors import default_weights
 
-    if predictor not in LEARNED_NAMES or args.replay != "reference":
+    if predictor not in LEARNED_NAMES or predictor_labels(args) != "reference":
         return None
     weights = default_weights(predictor, "reference")
     return weights if weights.is_file() else None
@@ -118,11 +118,22 @@ def bench_args(args) -> list[str]:
             "--seed", str(args.seed), *args.bench_extra]
 
 
+def sharegpt_trace(replay: str, max_tokens: int, length_scale: float, n: int, rng: np.random.Generator):
+    """What `rankserve bench` sends for a ShareGPT trace: (texts, max_tokens, ...), a function of the rng."""
+    ns = argparse.Namespace(dataset="sharegpt", replay=replay, max_tokens=max_tokens, length_scale=length_scale,
+                            prompt_len=32)
+    return bench_workload(ns, n, rng)
+
+
+def predictor_labels(args) -> str:
+    """The labels learned predictors were trained on for this replay (see predictor_weights)."""
+    return "reference" if args.replay == "reference" else "served"
+
+
 def trace_texts(spec: dict) -> list[str]:
-    """The prompts `rankserve bench` sent for a run's spec (its workload is a function of the seed)."""
-    ns = argparse.Namespace(dataset=spec["dataset"], replay=spec["replay"], max_tokens=spec["max_tokens"],
-                            length_scale=spec["length_scale"], prompt_len=32)
-    return bench_workload(ns, spec["num_requests"], np.random.default_rng(spec["seed"]))[0]
+    """The prompts `rankserve bench` sent for a run's spec."""
+    return sharegpt_trace(spec["replay"], spec["max_tokens"], spec["length_scale"], spec["num_requests"],
+                          np.random.default_rng(spec["seed"]))[0]
 
 
 def simulate_record(record: dict, args) -> dict:
@@ -133,8 +144,8 @@ def simulate_record(record: dict, args) -> dict:
     lengths = np.array([[r["prompt_tokens"], r["output_tokens"]] for r in rows])
     arrivals = np.array([r["arrival_s"] for r in rows])
     spec = system_spec(record["system"], args)
-    labels = "reference" if args.replay == "reference" else "served"
-    result, _ = simulate_trace(spec, lengths, arrivals, [texts[index[r["id"]]] for r in rows], labels=labels)
+    result, _ = simulate_trace(spec, lengths, arrivals, [texts[index[r["id"]]] for r in rows],
+                               labels=predictor_labels(args))
     return {"system": record["system"], "spec": record["spec"], "summary": result.summary}
 
 
@@ -161,20 +172,18 @@ def plan(args) -> None:
     records = []
     for rate in [float(r) for r in args.rates.split(",")]:
         rng = np.random.default_rng(args.seed)
-        ns = argparse.Namespace(dataset="sharegpt", replay=args.replay, max_tokens=args.max_tokens,
-                                length_scale=args.length_scale, prompt_len=32)
-        texts, max_tokens, _, _ = bench_workload(ns, args.num_requests, rng)
+        texts, max_tokens, _, _ = sharegpt_trace(args.replay, args.max_tokens, args.length_scale,
+                                                 args.num_requests, rng)
         arrivals = arrival_times(args.arrival, rate, args.num_requests, rng)
         prompt_lens = [len(tok.apply_chat_template([{"role": "user", "content": t}])) for t in texts]
         lengths = np.column_stack([prompt_lens, max_tokens])
         for system in args.systems:
             if system == "vllm-fcfs":
                 continue
-            labels = "reference" if args.replay == "reference" else "served"
             spec = system_spec(system, args)
             if spec.predictor == "probe":
                 continue  # the probe reads hidden states the simulator does not have
-            result, _ = simulate_trace(spec, lengths, arrivals, texts, labels=labels)
+            result, _ = simulate_trace(spec, lengths, arrivals, texts, labels=predictor_labels(args))
             records.append({"system": system, "spec": {"rate": rate}, "summary": result.summary})
     print(markdown_table(records, baseline="fcfs"))
 
@@ -183,7 +192,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--systems", nargs="+", default=["fcfs", "mlfq", "sjf+ranker", "ltr+ranker", "trail+probe",
                                                      "ltr+oracle"])
-    ap.add_argument("--rates", default="1,2,3")
+    ap.add_argument("--rates", default="0.75,1.5,3")
     ap.add_argument("--num-requests", type=int, default=100)
     ap.add_argument("--replay", choices=("reference", "served"), default="reference")
     ap.add_argument("--length-scale", type=float, default=0.25)

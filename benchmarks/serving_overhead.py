@@ -19,10 +19,8 @@ from pathlib import Path
 import numpy as np
 from calibrate_cpu import SETTINGS, run_engine
 
-from rankserve.core import SchedulerConfig, make_policy
+from rankserve.bench.experiment import SimSpec, simulate_trace
 from rankserve.core.metrics import summarize
-from rankserve.sim.cost_model import get_cost_model
-from rankserve.sim.simulator import build_requests, simulate
 
 KEYS = ("mean_latency_per_token_s", "mean_ttft_s", "mean_latency_s", "throughput_rps")
 
@@ -38,10 +36,10 @@ def main() -> None:
     lengths = np.array([[r["prompt_tokens"], r["output_tokens"]] for r in rows])
     arrivals = np.array([r["arrival_s"] for r in rows])
     engine_reqs, _ = run_engine(lengths, arrivals, seed=0)
-    sim = simulate(build_requests(lengths, arrivals), make_policy("fcfs"), None, get_cost_model("cpu-smollm2-135m"),
-                   SchedulerConfig(max_num_seqs=SETTINGS.max_num_seqs,
-                                   max_num_batched_tokens=SETTINGS.max_num_batched_tokens),
-                   block_size=SETTINGS.block_size)
+    sim, _ = simulate_trace(SimSpec(policy="fcfs", predictor=None, hardware="cpu-smollm2-135m",
+                                    max_num_seqs=SETTINGS.max_num_seqs,
+                                    max_num_batched_tokens=SETTINGS.max_num_batched_tokens,
+                                    block_size=SETTINGS.block_size), lengths, arrivals)
     sides = {"http": record["summary"], "in-process": summarize(engine_reqs), "simulator": sim.summary}
     print(f"| metric | {' | '.join(sides)} | http / in-process | simulator / in-process |")
     print("|---" * (len(sides) + 3) + "|")
