@@ -7,8 +7,8 @@ A spec names everything a run depends on, so the same seed gives every system th
 from __future__ import annotations
 
 import math
-from concurrent.futures import ProcessPoolExecutor
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -21,7 +21,6 @@ from rankserve.core.scheduler import SchedulerConfig
 from rankserve.predict import LEARNED_NAMES, make_predictor
 from rankserve.sim.cost_model import get_cost_model
 from rankserve.sim.simulator import SimResult, build_requests, make_sim_policy, simulate
-
 
 # The systems the papers compare: baselines, oracle-driven policies, and learning to rank with
 # predictors of the quality the learning-to-rank paper measured (Kendall's tau 0.55-0.62).
