@@ -101,3 +101,12 @@ def serve_on_loopback(app, timeout_s: float = 30.0) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def wait_until(condition, timeout_s: float = 3.0) -> bool:
+    """Poll ``condition()`` until it is true or ``timeout_s`` passes; returns its last value. For
+    work the engine thread finishes after the HTTP response (an abort on a stop string, a disconnect)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return condition()
