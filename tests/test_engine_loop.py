@@ -6,6 +6,7 @@ import asyncio
 import time
 
 import pytest
+from helpers import wait_until
 
 from rankserve.core import (
     BlockManager,
@@ -94,10 +95,8 @@ def test_client_disconnect_aborts_and_frees_blocks_at_once():
 
     try:
         asyncio.run(main())
-        deadline = time.monotonic() + 2.0
-        while req.status is not RequestStatus.ABORTED and time.monotonic() < deadline:
-            time.sleep(0.005)
-        assert req.status is RequestStatus.ABORTED and req.abort_reason == "client disconnected"
+        assert wait_until(lambda: req.status is RequestStatus.ABORTED, timeout_s=2.0)
+        assert req.abort_reason == "client disconnected"
         assert req.num_output_tokens < 200
         assert pool.num_free_device_blocks == 64
     finally:

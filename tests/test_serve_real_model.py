@@ -3,10 +3,9 @@ its default configuration: learning-to-rank scheduling with the shipped ranker."
 
 from __future__ import annotations
 
-import time
 
 import pytest
-from helpers import serve_on_loopback
+from helpers import serve_on_loopback, wait_until
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("torch")
@@ -96,10 +95,7 @@ def test_disconnect_mid_stream_frees_blocks(server):
             assert scheduler.blocks.num_free_device_blocks < scheduler.blocks.device.num_blocks
             break
     stream.close()  # the client goes away mid-stream
-    deadline = time.monotonic() + 20
-    while scheduler.has_work and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not scheduler.has_work
+    assert wait_until(lambda: not scheduler.has_work, timeout_s=20)
     scheduler.blocks.check_invariants(scheduler.live_requests())
     assert scheduler.blocks.num_free_device_blocks == scheduler.blocks.device.num_blocks
 

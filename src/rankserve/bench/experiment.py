@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from rankserve.bench.workloads import arrival_times, sample_workload
-from rankserve.core.metrics import finished_within, time_to_k_finished
+from rankserve.core.metrics import data_generation_summary
 from rankserve.core.policies import POLICIES, Policy
 from rankserve.core.scheduler import SchedulerConfig
 from rankserve.predict import LEARNED_NAMES, make_predictor
@@ -129,11 +129,7 @@ def run_spec(spec: SimSpec, progress: bool = False) -> tuple[dict[str, Any], Sim
     result, policy = simulate_trace(spec, lengths, arrivals, texts, labels="reference", progress=progress)
     summary = dict(result.summary)
     start = float(arrivals.min()) if len(arrivals) else 0.0
-    if spec.first_k is not None:
-        summary["time_to_first_k_s"] = time_to_k_finished(result.requests, spec.first_k, start)
-        summary["first_k_throughput_rps"] = spec.first_k / summary["time_to_first_k_s"]
-    if spec.time_limit_s is not None:
-        summary["finished_within_limit"] = finished_within(result.requests, spec.time_limit_s, start)
+    summary.update(data_generation_summary(result.requests, start, spec.first_k, spec.time_limit_s))
     record = {
         "system": spec.label,
         "spec": {k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in asdict(spec).items()},

@@ -87,7 +87,7 @@ def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from rankserve.bench.client import (SLO, bench_summary, build_items, per_request_rows, run_bench,
                                         server_preemptions)
     from rankserve.bench.report import markdown_table, plot_latency_vs_rate
-    from rankserve.core.metrics import finished_within, time_to_k_finished
+    from rankserve.core.metrics import data_generation_summary
 
     model = args.model
     if model is None:
@@ -121,14 +121,11 @@ def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         summary["preemptions"] = (preempted_after - preempted_before
                                   if preempted_before is not None and preempted_after is not None else None)
         start = float(min(arrivals))
-        if args.first_k is not None:
-            try:
-                summary["time_to_first_k_s"] = time_to_k_finished(results, args.first_k, start)
-                summary["first_k_throughput_rps"] = args.first_k / summary["time_to_first_k_s"]
-            except ValueError as exc:  # too many requests failed: report it, keep the run
-                print(f"warning: --first-k: {exc}")
-        if args.time_limit is not None:
-            summary["finished_within_limit"] = finished_within(results, args.time_limit, start)
+        summary.update(data_generation_summary(results, start, time_limit_s=args.time_limit))
+        try:
+            summary.update(data_generation_summary(results, start, first_k=args.first_k))
+        except ValueError as exc:  # too many requests failed: report it, keep the run
+            print(f"warning: --first-k: {exc}")
         records.append({
             "system": args.label,
             "spec": {"rate": None if math.isinf(rate) else rate, "dataset": args.dataset, "replay": args.replay,

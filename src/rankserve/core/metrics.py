@@ -86,3 +86,17 @@ def finished_within(requests: Sequence[Request], limit_s: float, start: float = 
     return sum(
         1 for r in requests if r.status is RequestStatus.FINISHED and r.finished_time - start <= limit_s
     )
+
+
+def data_generation_summary(requests: Sequence[Request], start: float, first_k: int | None = None,
+                            time_limit_s: float | None = None) -> dict[str, float]:
+    """The synthetic-data-generation metrics that were asked for: time until any ``first_k``
+    finished (and ``first_k`` / that time), and how many finished within ``time_limit_s``.
+    Raises ValueError if fewer than ``first_k`` finished."""
+    out: dict[str, float] = {}
+    if first_k is not None:
+        out["time_to_first_k_s"] = time_to_k_finished(requests, first_k, start)
+        out["first_k_throughput_rps"] = first_k / out["time_to_first_k_s"]
+    if time_limit_s is not None:
+        out["finished_within_limit"] = finished_within(requests, time_limit_s, start)
+    return out
