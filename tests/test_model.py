@@ -261,6 +261,23 @@ def test_bf16_logits_close(tiny):
     assert (got - ref).abs().max() < 0.05 * ref.abs().max() + 0.05
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prepacked_linears_give_the_same_logits(tiny, dtype):
+    """The oneDNN-prepacked weights are a layout change only: logits equal plain F.linear's."""
+    hf, ours = tiny
+    weights = dict(hf.state_dict())
+    packed = LlamaModel(ours.cfg, weights, dtype=dtype, prepack=True)
+    plain = LlamaModel(ours.cfg, weights, dtype=dtype, prepack=False)
+    if torch.backends.mkldnn.is_available():  # the CPUs this project runs on have oneDNN
+        assert packed.layers[0].qkv.packed is not None and packed.layers[0].qkv.weight is None
+    assert plain.layers[0].qkv.packed is None
+    prompts = _prompts(3)
+    inputs = [SeqInput(p, 0, list(range(10 * i, 10 * i + 10))) for i, p in enumerate(prompts)]
+    got = packed.forward(inputs, packed.allocate_kv_cache(30, BS)).logits
+    ref = plain.forward(inputs, plain.allocate_kv_cache(30, BS)).logits
+    assert torch.allclose(got, ref, atol=1e-5, rtol=1e-4)
+
+
 def test_bad_inputs(tiny):
     _, ours = tiny
     cache = ours.allocate_kv_cache(4, BS)

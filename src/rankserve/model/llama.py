@@ -129,11 +129,16 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     return weight * h.to(dtype)
 
 
-def _attend(q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+def _mask_bias(masked: torch.Tensor) -> torch.Tensor:
+    """An additive float32 attention bias: -inf where ``masked``, 0 elsewhere (cheaper per layer
+    than masked_fill, and built once per step)."""
+    return torch.zeros(masked.shape).masked_fill_(masked, float("-inf"))
+
+
+def _attend(q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
     """Softmax attention with scores in float32. q [..., R, D], k_t [..., D, ctx], v [..., ctx, D],
-    mask broadcastable to [..., R, ctx] (True = attend). (Faster than CPU SDPA for bf16.)"""
-    scores = torch.matmul(q, k_t).float() * scale
-    scores = scores.masked_fill(~mask, float("-inf"))
+    bias (see ``_mask_bias``) broadcastable to [..., R, ctx]. (Faster than CPU SDPA for bf16.)"""
+    scores = torch.matmul(q, k_t).float() * scale + bias
     return torch.matmul(scores.softmax(-1).to(v.dtype), v)
 
 
@@ -142,8 +147,41 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def _onednn_weight(weight: torch.Tensor) -> torch.Tensor | None:
+    """``weight`` reordered once into oneDNN's blocked layout, or None where oneDNN cannot run it
+    (not on the CPU, no oneDNN, or no bf16 support for a bf16 weight)."""
+    if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return None
+    if weight.dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return None
+    if weight.dtype not in (torch.bfloat16, torch.float32):
+        return None
+    try:
+        return torch.ops.mkldnn._reorder_linear_weight(weight, 1)  # 1: a decode-sized batch hint
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
+class _Linear:
+    """``x @ weight.T + bias``. On the CPU the weight is kept prepacked for oneDNN (as
+    torch.compile's freezing does): bitwise the same result as ``F.linear``, about 1.3-2x faster at
+    decode batch sizes, where ``F.linear`` spends its time re-laying-out the weight."""
+
+    __slots__ = ("bias", "packed", "weight")
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, prepack: bool) -> None:
+        self.bias = bias
+        self.packed = _onednn_weight(weight) if prepack else None
+        self.weight = weight if self.packed is None else None  # the packed copy replaces it
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
+
+
 class _Layer:
-    __slots__ = ("bo", "bqkv", "ln1", "ln2", "wdown", "wgu", "wo", "wqkv")
+    __slots__ = ("down", "gate_up", "ln1", "ln2", "o", "qkv")
 
 
 class LlamaModel:
@@ -155,7 +193,10 @@ class LlamaModel:
         weights: dict[str, torch.Tensor],
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
+        prepack: bool = True,
     ) -> None:
+        """``prepack``: keep the linear weights in oneDNN's layout on the CPU (False: plain
+        ``F.linear``, for comparison)."""
         self.cfg = cfg
         self.dtype = dtype
         self.device = torch.device(device)
@@ -170,10 +211,8 @@ class LlamaModel:
 
         self.embed = w("model.embed_tokens.weight")
         self.norm = w("model.norm.weight")
-        if cfg.tie_word_embeddings or "lm_head.weight" not in weights:
-            self.lm_head = self.embed
-        else:
-            self.lm_head = w("lm_head.weight")
+        tied = cfg.tie_word_embeddings or "lm_head.weight" not in weights
+        self.lm_head = _Linear(self.embed if tied else w("lm_head.weight"), None, prepack)
         self.layers: list[_Layer] = []
         for i in range(cfg.num_layers):
             p = f"model.layers.{i}."
@@ -181,19 +220,19 @@ class LlamaModel:
             layer.ln1 = w(p + "input_layernorm.weight")
             layer.ln2 = w(p + "post_attention_layernorm.weight")
             a = p + "self_attn."
-            layer.wqkv = torch.cat([w(a + "q_proj.weight"), w(a + "k_proj.weight"), w(a + "v_proj.weight")])
+            wqkv = torch.cat([w(a + "q_proj.weight"), w(a + "k_proj.weight"), w(a + "v_proj.weight")])
             biases = [opt(a + f"{n}_proj.bias") for n in "qkv"]
             if any(b is not None for b in biases):  # qwen2: q/k/v biases
                 sizes = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim)
                 biases = [b if b is not None else torch.zeros(n, dtype=dtype, device=self.device) for b, n in zip(biases, sizes)]
-                layer.bqkv = torch.cat(biases)
+                bqkv = torch.cat(biases)
             else:
-                layer.bqkv = None
-            layer.wo = w(a + "o_proj.weight")
-            layer.bo = opt(a + "o_proj.bias")
+                bqkv = None
+            layer.qkv = _Linear(wqkv, bqkv, prepack)
+            layer.o = _Linear(w(a + "o_proj.weight"), opt(a + "o_proj.bias"), prepack)
             m = p + "mlp."
-            layer.wgu = torch.cat([w(m + "gate_proj.weight"), w(m + "up_proj.weight")])
-            layer.wdown = w(m + "down_proj.weight")
+            layer.gate_up = _Linear(torch.cat([w(m + "gate_proj.weight"), w(m + "up_proj.weight")]), None, prepack)
+            layer.down = _Linear(w(m + "down_proj.weight"), None, prepack)
             self.layers.append(layer)
         self.inv_freq = rope_inv_freq(cfg).to(self.device)
 
@@ -270,10 +309,18 @@ class LlamaModel:
             ctx_slots.append((table[:, None] * bs + offs).flatten()[:ctx])
         ids_t = torch.tensor(ids, dtype=torch.long, device=dev)
         pos_t = torch.tensor(positions, dtype=torch.long)
-        new_slots = torch.cat([cs[s.num_computed :] for cs, s in zip(ctx_slots, seqs)]).to(dev)
+        new_slots = torch.cat([cs[s.num_computed :] for cs, s in zip(ctx_slots, seqs)])
         starts = [0]
         for n in lens:
             starts.append(starts[-1] + n)
+
+        H, KV, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        G = H // KV  # query heads per KV head; query head h reads KV head h // G
+        # The pool of one layer is read as rows of [KV * num_blocks * bs, D] (or whole blocks,
+        # [KV * num_blocks, bs * D]): head h's rows start at h * num_blocks (* bs). Gathers are then
+        # one index_select over contiguous rows, several times faster than advanced indexing.
+        head_rows = torch.arange(KV)[:, None] * (num_blocks * bs)
+        new_rows = (head_rows + new_slots[None, :]).flatten().to(dev)
 
         # Decode sequences (one new token) share one padded attention call.
         dec = [i for i, n in enumerate(lens) if n == 1]
@@ -286,18 +333,18 @@ class LlamaModel:
             for j, i in enumerate(dec):
                 table = list(seqs[i].block_table)[: -(-dec_ctx[j] // bs)]
                 dec_tables[j, : len(table)] = torch.as_tensor(table, dtype=torch.long)
-            dec_tables = dec_tables.flatten().to(dev)
-            dec_mask = torch.arange(max_blocks * bs)[None, :] < torch.tensor(dec_ctx)[:, None]
-            dec_mask = dec_mask.to(dev)[None, :, None, :]  # [1, B, 1, ctx]
+            dec_blocks = (torch.arange(KV)[:, None] * num_blocks + dec_tables.flatten()[None, :]).flatten().to(dev)
+            padding = torch.arange(max_blocks * bs)[None, :] >= torch.tensor(dec_ctx)[:, None]
+            dec_bias = _mask_bias(padding).to(dev)[None, :, None, :]  # [1, B, 1, ctx]
             dec_rows = torch.tensor([starts[i] for i in dec], dtype=torch.long, device=dev)
-        pre_masks = {}
+        pre_rows, pre_biases = {}, {}
         for i in pre:
             ctx = len(ctx_slots[i])
             q_pos = torch.arange(ctx - lens[i], ctx)
             # Rows ordered (token, query head in the group), as the grouped queries are laid out.
-            mask = torch.arange(ctx)[None, :] <= q_pos[:, None]  # [n, ctx]
-            pre_masks[i] = mask.repeat_interleave(cfg.num_heads // cfg.num_kv_heads, dim=0).to(dev)
-            ctx_slots[i] = ctx_slots[i].to(dev)
+            future = torch.arange(ctx)[None, :] > q_pos[:, None]  # [n, ctx]
+            pre_biases[i] = _mask_bias(future.repeat_interleave(G, dim=0)).to(dev)
+            pre_rows[i] = (head_rows + ctx_slots[i][None, :]).flatten().to(dev)
 
         # RoPE tables, computed in float32 like Hugging Face, then cast.
         freqs = pos_t.float()[:, None] * self.inv_freq.cpu()[None, :]
@@ -305,8 +352,6 @@ class LlamaModel:
         cos = emb.cos().to(dev, self.dtype)[:, None, :]  # [T, 1, D]
         sin = emb.sin().to(dev, self.dtype)[:, None, :]
 
-        H, KV, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        G = H // KV  # query heads per KV head; query head h reads KV head h // G
         T = len(ids)
         scale = 1.0 / math.sqrt(D)
         x = self.embed[ids_t]
@@ -314,48 +359,48 @@ class LlamaModel:
         taps: dict[int, torch.Tensor] = {0: x} if 0 in hidden_layers else {}
         for li, layer in enumerate(self.layers):
             h = _rms_norm(x, layer.ln1, cfg.rms_norm_eps)
-            qkv = F.linear(h, layer.wqkv, layer.bqkv)
+            qkv = layer.qkv(h)
             q = qkv[:, : H * D].view(T, H, D)
             k = qkv[:, H * D : (H + KV) * D].view(T, KV, D)
             v = qkv[:, (H + KV) * D :].view(T, KV, D)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
-            k_pool = kv_cache[li, 0].view(KV, num_blocks * bs, D)
-            v_pool = kv_cache[li, 1].view(KV, num_blocks * bs, D)
-            k_pool[:, new_slots] = k.transpose(0, 1)
-            v_pool[:, new_slots] = v.transpose(0, 1)
+            k_rows = kv_cache[li, 0].view(KV * num_blocks * bs, D)
+            v_rows = kv_cache[li, 1].view(KV * num_blocks * bs, D)
+            k_rows.index_copy_(0, new_rows, k.transpose(0, 1).reshape(KV * T, D))
+            v_rows.index_copy_(0, new_rows, v.transpose(0, 1).reshape(KV * T, D))
 
             attn = torch.empty(T, H, D, dtype=self.dtype, device=dev)
             for i in pre:
                 a, b = starts[i], starts[i + 1]
-                kc = k_pool[:, ctx_slots[i]].transpose(1, 2)  # [KV, D, ctx]
-                vc = v_pool[:, ctx_slots[i]]  # [KV, ctx, D]
+                kc = k_rows.index_select(0, pre_rows[i]).view(KV, -1, D).transpose(1, 2)  # [KV, D, ctx]
+                vc = v_rows.index_select(0, pre_rows[i]).view(KV, -1, D)  # [KV, ctx, D]
                 # Query rows in pieces so the float32 scores stay under ~64 MB.
                 step = max(1, _ATTN_SCORE_BUDGET // (H * kc.shape[-1]))
                 for c in range(a, b, step):
                     e = min(c + step, b)
                     qp = q[c:e].view(e - c, KV, G, D).permute(1, 0, 2, 3).reshape(KV, (e - c) * G, D)
-                    m = pre_masks[i][(c - a) * G : (e - a) * G]
-                    o = _attend(qp, kc, vc, m, scale)  # [KV, rows*G, D]
+                    bias = pre_biases[i][(c - a) * G : (e - a) * G]
+                    o = _attend(qp, kc, vc, bias, scale)  # [KV, rows*G, D]
                     attn[c:e] = o.view(KV, e - c, G, D).permute(1, 0, 2, 3).reshape(e - c, H, D)
             if dec:
                 B = len(dec)
-                kc = kv_cache[li, 0].view(KV, num_blocks, bs * D)[:, dec_tables].view(KV, B, -1, D)
-                vc = kv_cache[li, 1].view(KV, num_blocks, bs * D)[:, dec_tables].view(KV, B, -1, D)
+                kc = kv_cache[li, 0].view(KV * num_blocks, bs * D).index_select(0, dec_blocks).view(KV, B, -1, D)
+                vc = kv_cache[li, 1].view(KV * num_blocks, bs * D).index_select(0, dec_blocks).view(KV, B, -1, D)
                 qd = q[dec_rows].view(B, KV, G, D).transpose(0, 1)  # [KV, B, G, D]
-                o = _attend(qd, kc.transpose(-1, -2), vc, dec_mask, scale)  # [KV, B, G, D]
+                o = _attend(qd, kc.transpose(-1, -2), vc, dec_bias, scale)  # [KV, B, G, D]
                 attn[dec_rows] = o.transpose(0, 1).reshape(B, H, D)
 
-            x = x + F.linear(attn.view(T, H * D), layer.wo, layer.bo)
+            x = x + layer.o(attn.view(T, H * D))
             h = _rms_norm(x, layer.ln2, cfg.rms_norm_eps)
-            gu = F.linear(h, layer.wgu)
+            gu = layer.gate_up(h)
             gate, up = gu.chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, layer.wdown)
+            x = x + layer.down(F.silu(gate) * up)
             if li + 1 in hidden_layers:
                 taps[li + 1] = x
 
         last = _rms_norm(x[last_rows], self.norm, cfg.rms_norm_eps)
-        logits = F.linear(last, self.lm_head).float()
+        logits = self.lm_head(last).float()
         out = ForwardOutput(logits=logits)
         if hidden_layers:
             hf = torch.stack([taps[k] for k in hidden_layers]).float()  # [L, T, hidden]
