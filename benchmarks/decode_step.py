@@ -1,8 +1,12 @@
-"""Time of one decode step of the embedded SmolLM2 forward (bf16) at a given batch and context, on
-blocks scattered through the KV pool as a long-running engine leaves them.
+"""Time of one decode step of a Llama-family forward at a given batch and context, on blocks
+scattered through the KV pool as a long-running engine leaves them.
 
     python benchmarks/decode_step.py [--batch 96] [--context 600] [--repeats 5]
+    python benchmarks/decode_step.py --random-config llama3-8b.json --device cuda --batch 64
 
+Default: the embedded SmolLM2 (bf16, CPU). ``--model`` serves any local Hugging Face directory;
+``--random-config`` builds random weights of a config.json's shape instead (step time depends on
+shapes, not values), so a model too large to ship can still be timed on a GPU.
 Sequence i has context ``context - (37 i mod context/2)`` (mixed lengths, as in a real batch).
 Compare two versions of the forward by running this under each (e.g. PYTHONPATH=old/src).
 """
@@ -10,12 +14,36 @@ Compare two versions of the forward by running this under each (e.g. PYTHONPATH=
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import torch
 
-from rankserve.model.llama import SeqInput
+from rankserve.model.llama import LlamaConfig, LlamaModel, SeqInput
 from rankserve.model.loader import load_model
+
+
+def random_model(config_path: str, dtype: torch.dtype, device: str) -> LlamaModel:
+    """A model of the config's shape with random weights, made on ``device``."""
+    cfg = LlamaConfig.from_hf(json.loads(open(config_path).read()))
+    q, kv, hidden, inter = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.hidden_size, cfg.intermediate_size
+    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, hidden), "model.norm.weight": (hidden,)}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, hidden)
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        shapes |= {p + "input_layernorm.weight": (hidden,), p + "post_attention_layernorm.weight": (hidden,),
+                   p + "self_attn.q_proj.weight": (q, hidden), p + "self_attn.k_proj.weight": (kv, hidden),
+                   p + "self_attn.v_proj.weight": (kv, hidden), p + "self_attn.o_proj.weight": (hidden, q),
+                   p + "mlp.gate_proj.weight": (inter, hidden), p + "mlp.up_proj.weight": (inter, hidden),
+                   p + "mlp.down_proj.weight": (hidden, inter)}
+    weights = {name: torch.randn(shape, dtype=dtype, device=device) * 0.02 for name, shape in shapes.items()}
+    return LlamaModel(cfg, weights, dtype=dtype, device=device)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def main() -> None:
@@ -23,9 +51,17 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=96)
     ap.add_argument("--context", type=int, default=600)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--model", default=None, help="model spec or local HF directory (default: embedded SmolLM2)")
+    ap.add_argument("--random-config", default=None, help="config.json: random weights of that shape")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     args = ap.parse_args()
     torch.manual_seed(0)
-    _, model = load_model(None, dtype=torch.bfloat16)
+    dtype = getattr(torch, args.dtype)
+    if args.random_config:
+        model = random_model(args.random_config, dtype, args.device)
+    else:
+        _, model = load_model(args.model, dtype=dtype, device=args.device)
     bs = 16
     blocks_per_seq = (args.context + bs) // bs + 1
     cache = model.allocate_kv_cache(args.batch * blocks_per_seq + 8, bs)
@@ -34,11 +70,14 @@ def main() -> None:
             for i in range(args.batch)]
     for _ in range(2):
         model.forward(seqs, cache)
+    synchronize(model.device)
     started = time.perf_counter()
     for _ in range(args.repeats):
         model.forward(seqs, cache)
+    synchronize(model.device)
     step = (time.perf_counter() - started) / args.repeats
-    print(f"batch {args.batch}, context <= {args.context}: {step * 1e3:.1f} ms/step, {args.batch / step:.0f} tok/s")
+    print(f"batch {args.batch}, context <= {args.context}, {model.device.type}: {step * 1e3:.1f} ms/step, "
+          f"{args.batch / step:.0f} tok/s")
 
 
 if __name__ == "__main__":

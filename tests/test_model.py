@@ -21,6 +21,9 @@ from rankserve.model.llama import (
 from rankserve.model.loader import ModelNotFoundError, load_model_dir
 
 os.environ["HF_HUB_OFFLINE"] = "1"
+# Our forward runs here; transformers stays on the CPU as the reference. RANKSERVE_TEST_DEVICE=cuda
+# runs the same checks on a GPU.
+DEVICE = os.environ.get("RANKSERVE_TEST_DEVICE", "cpu")
 BS = 4  # small blocks: every sequence spans many, so tables and offsets are exercised
 STEPS = 64
 
@@ -58,7 +61,7 @@ def tiny(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(request.param)
     _tiny(request.param, path)
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    ours = LlamaModel.from_pretrained(path, dtype=torch.float32)
+    ours = LlamaModel.from_pretrained(path, dtype=torch.float32, device=DEVICE)
     return hf, ours
 
 
@@ -135,13 +138,15 @@ def test_config_and_rope_match_transformers(tiny):
     assert ours.cfg.num_layers == 2 and ours.cfg.num_kv_heads == 2 and ours.cfg.head_dim == 16
     ref = hf.model.rotary_emb.inv_freq
     assert torch.allclose(rope_inv_freq(ours.cfg), ref.float(), rtol=1e-6)
+    linear = sum(m.weight.numel() for m in hf.modules() if isinstance(m, torch.nn.Linear))
+    assert ours.cfg.num_linear_params == linear
 
 
 def test_prefill_logits_match(tiny):
     hf, ours = tiny
     prompt = _prompts(2)[1]
     cache = ours.allocate_kv_cache(32, BS)
-    got = ours.forward([SeqInput(prompt, 0, list(range(10)))], cache).logits[0]
+    got = ours.forward([SeqInput(prompt, 0, list(range(10)))], cache).logits[0].cpu()
     with torch.no_grad():
         ref = hf(torch.tensor([prompt])).logits[0, -1]
     assert torch.allclose(got, ref, atol=1e-5)
@@ -244,16 +249,17 @@ def test_hidden_states_tap(tiny):
     with torch.no_grad():
         ref = hf(torch.tensor([p2]), output_hidden_states=True).hidden_states
     assert out.hidden_last.shape == (2, 2, 64)
+    last, mean = out.hidden_last.cpu(), out.hidden_mean.cpu()
     for row, layer in enumerate((1, 0)):
-        assert torch.allclose(out.hidden_last[row, 1], ref[layer][0, -1], atol=1e-5)
-        assert torch.allclose(out.hidden_mean[row, 1], ref[layer][0].mean(0), atol=1e-5)
+        assert torch.allclose(last[row, 1], ref[layer][0, -1], atol=1e-5)
+        assert torch.allclose(mean[row, 1], ref[layer][0].mean(0), atol=1e-5)
 
 
 def test_bf16_logits_close(tiny):
     hf, ours = tiny
     prompt = _prompts(2)[1]
     weights = {k: v for k, v in hf.state_dict().items()}
-    m16 = LlamaModel(ours.cfg, weights, dtype=torch.bfloat16)
+    m16 = LlamaModel(ours.cfg, weights, dtype=torch.bfloat16, device=DEVICE)
     cache = m16.allocate_kv_cache(32, BS)
     got = m16.forward([SeqInput(prompt, 0, list(range(10)))], cache).logits[0]
     ref = ours.forward([SeqInput(prompt, 0, list(range(10)))], ours.allocate_kv_cache(32, BS)).logits[0]
@@ -266,9 +272,9 @@ def test_prepacked_linears_give_the_same_logits(tiny, dtype):
     """The oneDNN-prepacked weights are a layout change only: logits equal plain F.linear's."""
     hf, ours = tiny
     weights = dict(hf.state_dict())
-    packed = LlamaModel(ours.cfg, weights, dtype=dtype, prepack=True)
-    plain = LlamaModel(ours.cfg, weights, dtype=dtype, prepack=False)
-    if torch.backends.mkldnn.is_available():  # the CPUs this project runs on have oneDNN
+    packed = LlamaModel(ours.cfg, weights, dtype=dtype, prepack=True, fp32_copy=False, device=DEVICE)
+    plain = LlamaModel(ours.cfg, weights, dtype=dtype, prepack=False, device=DEVICE)
+    if DEVICE == "cpu" and torch.backends.mkldnn.is_available():  # the CPUs here have oneDNN
         assert packed.layers[0].qkv.packed is not None and packed.layers[0].qkv.weight is None
     assert plain.layers[0].qkv.packed is None
     prompts = _prompts(3)
@@ -276,6 +282,30 @@ def test_prepacked_linears_give_the_same_logits(tiny, dtype):
     got = packed.forward(inputs, packed.allocate_kv_cache(30, BS)).logits
     ref = plain.forward(inputs, plain.allocate_kv_cache(30, BS)).logits
     assert torch.allclose(got, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_bf16_batched_rows_run_on_fp32_copies(tiny):
+    """A bf16 model on the CPU keeps fp32 copies of its linear weights for batches of
+    FP32_GEMM_MIN_ROWS tokens or more: such a batch stays as close to the fp32 model as bf16 does,
+    and a smaller batch runs the bf16 weights exactly as a model without the copies."""
+    from rankserve.model.llama import FP32_GEMM_MIN_ROWS
+
+    if DEVICE != "cpu" or not torch.backends.mkldnn.is_available():
+        pytest.skip("fp32 copies are a CPU (oneDNN) path")
+    hf, ours = tiny
+    weights = dict(hf.state_dict())
+    both = LlamaModel(ours.cfg, weights, dtype=torch.bfloat16)
+    bf16_only = LlamaModel(ours.cfg, weights, dtype=torch.bfloat16, fp32_copy=False)
+    assert both.layers[0].gate_up.has_fp32_copy and not bf16_only.layers[0].gate_up.has_fp32_copy
+    prompts = _prompts(3)
+    big = [SeqInput(p, 0, list(range(10 * i, 10 * i + 10))) for i, p in enumerate(prompts)]
+    assert sum(len(p) for p in prompts) >= FP32_GEMM_MIN_ROWS
+    ref = ours.forward(big, ours.allocate_kv_cache(30, BS)).logits.cpu()
+    got = both.forward(big, both.allocate_kv_cache(30, BS)).logits
+    assert (got - ref).abs().max() < 0.05 * ref.abs().max() + 0.05
+    small = [SeqInput(prompts[0][:3], 0, [0])]
+    assert torch.equal(both.forward(small, both.allocate_kv_cache(4, BS)).logits,
+                       bf16_only.forward(small, bf16_only.allocate_kv_cache(4, BS)).logits)
 
 
 def test_bad_inputs(tiny):
@@ -392,7 +422,7 @@ def test_long_prefill_in_query_pieces(tiny, monkeypatch):
     assert torch.allclose(whole, pieces, atol=1e-5)
     with torch.no_grad():
         ref = hf(torch.tensor([prompt])).logits[0, -1]
-    assert torch.allclose(whole, ref, atol=1e-4)
+    assert torch.allclose(whole.cpu(), ref, atol=1e-4)
 
 
 # ---- the executor under the real scheduler -------------------------------------------------------
@@ -470,3 +500,26 @@ def test_sampler_keeps_stop_tokens_out_until_min_tokens():
     assert Sampler().sample(logits, req) == 1  # min_tokens reached: it may stop now
     ignoring = Request([0], SamplingParams(max_tokens=10, min_tokens=5, temperature=0.0))
     assert Sampler().sample(logits, ignoring) == 1  # no stop tokens to mask
+
+
+def test_sample_rows_matches_one_row_at_a_time():
+    """The batched greedy argmax gives what sampling row by row gives, with greedy, penalised,
+    min_tokens-masked and random requests mixed in one batch."""
+    from rankserve.core import Request, SamplingParams
+    from rankserve.model.runner import Sampler
+
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0))
+    logits[:, 7] = 10.0  # token 7 is every row's argmax
+    reqs = [
+        Request([0], SamplingParams(temperature=0.0)),
+        Request([7], SamplingParams(temperature=0.0, repetition_penalty=100.0)),
+        Request([0], SamplingParams(temperature=0.0, min_tokens=3, stop_token_ids=(7,))),
+        Request([0], SamplingParams(temperature=0.9, seed=3)),
+        Request([0], SamplingParams(temperature=0.0, stop_token_ids=(7,))),
+        Request([0], SamplingParams(top_k=3, seed=5)),
+    ]
+    batched = Sampler(seed=1).sample_rows(logits, reqs)
+    one_by_one = [Sampler(seed=1).sample(row, r) for row, r in zip(logits, reqs)]
+    assert batched == one_by_one
+    assert batched[0] == 7 and batched[4] == 7
+    assert batched[1] != 7 and batched[2] != 7  # the penalty and min_tokens paths were taken

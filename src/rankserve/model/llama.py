@@ -1,6 +1,6 @@
 """The Llama-family forward (Llama, SmolLM2, Qwen2) in plain torch, with a paged KV cache.
 
-The KV cache is one tensor pool ``[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]``
+The KV cache is one tensor pool ``[num_layers, 2, num_kv_heads, num_blocks, block_size, head_dim]``
 (index 0 on dim 1 holds keys, 1 values). A sequence owns the blocks listed in its block table, as the
 core ``BlockManager`` hands them out: token ``p`` of the sequence lives in block ``table[p // bs]`` at
 offset ``p % bs``.
@@ -81,6 +81,13 @@ class LlamaConfig:
     def from_dir(cls, path: str | Path) -> LlamaConfig:
         return cls.from_hf(json.loads((Path(path) / "config.json").read_text()))
 
+    @property
+    def num_linear_params(self) -> int:
+        """Parameters of the linear layers (the LM head included, even when tied)."""
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        per_layer = self.hidden_size * (2 * q + 2 * kv) + 3 * self.hidden_size * self.intermediate_size
+        return self.num_layers * per_layer + self.vocab_size * self.hidden_size
+
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
         itemsize = torch.empty((), dtype=dtype).element_size()
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * itemsize
@@ -147,9 +154,9 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def _onednn_weight(weight: torch.Tensor) -> torch.Tensor | None:
-    """``weight`` reordered once into oneDNN's blocked layout, or None where oneDNN cannot run it
-    (not on the CPU, no oneDNN, or no bf16 support for a bf16 weight)."""
+def _onednn_weight(weight: torch.Tensor, rows_hint: int = 1) -> torch.Tensor | None:
+    """``weight`` reordered once into oneDNN's blocked layout for about ``rows_hint`` input rows, or
+    None where oneDNN cannot run it (not on the CPU, no oneDNN, or no bf16 support for a bf16 weight)."""
     if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return None
     if weight.dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
@@ -157,27 +164,51 @@ def _onednn_weight(weight: torch.Tensor) -> torch.Tensor | None:
     if weight.dtype not in (torch.bfloat16, torch.float32):
         return None
     try:
-        return torch.ops.mkldnn._reorder_linear_weight(weight, 1)  # 1: a decode-sized batch hint
+        return torch.ops.mkldnn._reorder_linear_weight(weight, rows_hint)
     except (RuntimeError, NotImplementedError):
         return None
 
 
+# From this many input rows a bf16 linear runs on its fp32 copy (when the model keeps one).
+FP32_GEMM_MIN_ROWS = 32
+# A bf16 model keeps fp32 copies of its linear weights only while they take at most this much.
+FP32_COPY_MAX_BYTES = 2 << 30
+
+
 class _Linear:
-    """``x @ weight.T + bias``. On the CPU the weight is kept prepacked for oneDNN (as
-    torch.compile's freezing does): bitwise the same result as ``F.linear``, about 1.3-2x faster at
-    decode batch sizes, where ``F.linear`` spends its time re-laying-out the weight."""
+    """``x @ weight.T + bias``, in ``x``'s dtype. On the CPU the weight is kept prepacked for
+    oneDNN (as torch.compile's freezing does): bitwise the same result as ``F.linear``, about
+    1.3-2x faster at decode batch sizes, where ``F.linear`` spends its time re-laying-out the weight.
 
-    __slots__ = ("bias", "packed", "weight")
+    A bf16 weight may also keep a prepacked fp32 copy, used for inputs of ``FP32_GEMM_MIN_ROWS``
+    rows or more: on AVX-512 CPUs without AMX a bf16 dot product runs at the fp32 FMA rate, and
+    oneDNN's fp32 GEMM is 1.2-1.6x faster there than its bf16 one (docs/ENGINE.md); below that,
+    reading half the bytes of the bf16 copy wins. The input is cast to the copy's dtype where it
+    differs (the model keeps its activations in fp32 for such steps, so layers need no casts)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, prepack: bool) -> None:
+    __slots__ = ("bias", "bias32", "packed", "packed32", "weight")
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, prepack: bool, fp32_copy: bool = False) -> None:
         self.bias = bias
         self.packed = _onednn_weight(weight) if prepack else None
         self.weight = weight if self.packed is None else None  # the packed copy replaces it
+        self.packed32 = None
+        if self.packed is not None and fp32_copy and weight.dtype == torch.bfloat16:
+            self.packed32 = _onednn_weight(weight.float(), rows_hint=64)
+        self.bias32 = None if bias is None or self.packed32 is None else bias.float()
+
+    @property
+    def has_fp32_copy(self) -> bool:
+        return self.packed32 is not None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed32 is not None and x.shape[0] >= FP32_GEMM_MIN_ROWS:
+            y = torch.ops.mkldnn._linear_pointwise(x.float(), self.packed32, self.bias32, "none", [], "")
+            return y.to(x.dtype)
         if self.packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-        return F.linear(x, self.weight, self.bias)
+            y = torch.ops.mkldnn._linear_pointwise(x.to(self.packed.dtype), self.packed, self.bias, "none", [], "")
+            return y.to(x.dtype)
+        return F.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
 
 
 class _Layer:
@@ -194,12 +225,20 @@ class LlamaModel:
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
         prepack: bool = True,
+        fp32_copy: bool | None = None,
     ) -> None:
         """``prepack``: keep the linear weights in oneDNN's layout on the CPU (False: plain
-        ``F.linear``, for comparison)."""
+        ``F.linear``, for comparison). ``fp32_copy``: a bf16 model on the CPU also keeps fp32
+        copies of its linear weights for batched rows (see ``_Linear``); None: while they take at
+        most ``FP32_COPY_MAX_BYTES``."""
         self.cfg = cfg
         self.dtype = dtype
         self.device = torch.device(device)
+        if fp32_copy is None:
+            fp32_copy = 4 * cfg.num_linear_params <= FP32_COPY_MAX_BYTES
+
+        def linear(weight: torch.Tensor, bias: torch.Tensor | None) -> _Linear:
+            return _Linear(weight, bias, prepack, fp32_copy)
 
         def w(name: str) -> torch.Tensor:
             if name not in weights:
@@ -212,7 +251,7 @@ class LlamaModel:
         self.embed = w("model.embed_tokens.weight")
         self.norm = w("model.norm.weight")
         tied = cfg.tie_word_embeddings or "lm_head.weight" not in weights
-        self.lm_head = _Linear(self.embed if tied else w("lm_head.weight"), None, prepack)
+        self.lm_head = linear(self.embed if tied else w("lm_head.weight"), None)
         self.layers: list[_Layer] = []
         for i in range(cfg.num_layers):
             p = f"model.layers.{i}."
@@ -228,11 +267,11 @@ class LlamaModel:
                 bqkv = torch.cat(biases)
             else:
                 bqkv = None
-            layer.qkv = _Linear(wqkv, bqkv, prepack)
-            layer.o = _Linear(w(a + "o_proj.weight"), opt(a + "o_proj.bias"), prepack)
+            layer.qkv = linear(wqkv, bqkv)
+            layer.o = linear(w(a + "o_proj.weight"), opt(a + "o_proj.bias"))
             m = p + "mlp."
-            layer.gate_up = _Linear(torch.cat([w(m + "gate_proj.weight"), w(m + "up_proj.weight")]), None, prepack)
-            layer.down = _Linear(w(m + "down_proj.weight"), None, prepack)
+            layer.gate_up = linear(torch.cat([w(m + "gate_proj.weight"), w(m + "up_proj.weight")]), None)
+            layer.down = linear(w(m + "down_proj.weight"), None)
             self.layers.append(layer)
         self.inv_freq = rope_inv_freq(cfg).to(self.device)
 
@@ -349,12 +388,15 @@ class LlamaModel:
         # RoPE tables, computed in float32 like Hugging Face, then cast.
         freqs = pos_t.float()[:, None] * self.inv_freq.cpu()[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
-        cos = emb.cos().to(dev, self.dtype)[:, None, :]  # [T, 1, D]
-        sin = emb.sin().to(dev, self.dtype)[:, None, :]
-
         T = len(ids)
+        # Activations in fp32 where the linears run on their fp32 copies (see _Linear); the KV
+        # cache and attention stay in the model's dtype.
+        act = torch.float32 if self.lm_head.has_fp32_copy and T >= FP32_GEMM_MIN_ROWS else self.dtype
+        cos = emb.cos().to(dev, act)[:, None, :]  # [T, 1, D]
+        sin = emb.sin().to(dev, act)[:, None, :]
+
         scale = 1.0 / math.sqrt(D)
-        x = self.embed[ids_t]
+        x = self.embed[ids_t].to(act)
         last_rows = torch.tensor([starts[i + 1] - 1 for i in range(len(seqs))], device=dev)
         taps: dict[int, torch.Tensor] = {0: x} if 0 in hidden_layers else {}
         for li, layer in enumerate(self.layers):
@@ -367,8 +409,9 @@ class LlamaModel:
             k = k * cos + _rotate_half(k) * sin
             k_rows = kv_cache[li, 0].view(KV * num_blocks * bs, D)
             v_rows = kv_cache[li, 1].view(KV * num_blocks * bs, D)
-            k_rows.index_copy_(0, new_rows, k.transpose(0, 1).reshape(KV * T, D))
-            v_rows.index_copy_(0, new_rows, v.transpose(0, 1).reshape(KV * T, D))
+            k_rows.index_copy_(0, new_rows, k.transpose(0, 1).reshape(KV * T, D).to(self.dtype))
+            v_rows.index_copy_(0, new_rows, v.transpose(0, 1).reshape(KV * T, D).to(self.dtype))
+            q = q.to(self.dtype)
 
             attn = torch.empty(T, H, D, dtype=self.dtype, device=dev)
             for i in pre:
@@ -391,7 +434,7 @@ class LlamaModel:
                 o = _attend(qd, kc.transpose(-1, -2), vc, dec_bias, scale)  # [KV, B, G, D]
                 attn[dec_rows] = o.transpose(0, 1).reshape(B, H, D)
 
-            x = x + layer.o(attn.view(T, H * D))
+            x = x + layer.o(attn.view(T, H * D).to(act))
             h = _rms_norm(x, layer.ln2, cfg.rms_norm_eps)
             gu = layer.gate_up(h)
             gate, up = gu.chunk(2, dim=-1)
