@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
-_ATTN_SCORE_BUDGET = 1 << 24  # float32 attention scores per prefill piece (64 MB)
 
 
 @dataclass(frozen=True)
@@ -136,22 +135,22 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     return weight * h.to(dtype)
 
 
-def _mask_bias(masked: torch.Tensor) -> torch.Tensor:
-    """An additive float32 attention bias: -inf where ``masked``, 0 elsewhere (cheaper per layer
-    than masked_fill, and built once per step)."""
-    return torch.zeros(masked.shape).masked_fill_(masked, float("-inf"))
+def _pair_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Reorder the rows of a q or k projection (weight [heads * D, ...] or bias [heads * D]) so
+    that each head's dims j and j + D/2, which RoPE rotates together (Hugging Face's half
+    rotation), sit side by side. RoPE then is one complex multiply over adjacent pairs, and the
+    attention scores are unchanged (q and k are reordered alike; the KV cache keeps keys so)."""
+    d = weight.shape[0] // num_heads
+    order = torch.stack([torch.arange(d // 2), torch.arange(d // 2) + d // 2], dim=-1).flatten()
+    rows = (torch.arange(num_heads)[:, None] * d + order).flatten().to(weight.device)
+    return weight.index_select(0, rows)
 
 
-def _attend(q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
-    """Softmax attention with scores in float32. q [..., R, D], k_t [..., D, ctx], v [..., ctx, D],
-    bias (see ``_mask_bias``) broadcastable to [..., R, ctx]. (Faster than CPU SDPA for bf16.)"""
-    scores = torch.matmul(q, k_t).float() * scale + bias
-    return torch.matmul(scores.softmax(-1).to(v.dtype), v)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def _rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """Rotate the adjacent pairs of ``x`` [T, heads, D] (see ``_pair_rows``) by ``rotation``
+    [T, 1, D/2] (complex64), in float32; returned in ``x``'s dtype."""
+    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(pairs * rotation).flatten(-2).to(x.dtype)
 
 
 def _onednn_weight(weight: torch.Tensor, rows_hint: int = 1) -> torch.Tensor | None:
@@ -259,11 +258,14 @@ class LlamaModel:
             layer.ln1 = w(p + "input_layernorm.weight")
             layer.ln2 = w(p + "post_attention_layernorm.weight")
             a = p + "self_attn."
-            wqkv = torch.cat([w(a + "q_proj.weight"), w(a + "k_proj.weight"), w(a + "v_proj.weight")])
+            heads = (cfg.num_heads, cfg.num_kv_heads)
+            wq, wk = (_pair_rows(w(a + f"{n}_proj.weight"), h) for n, h in zip("qk", heads))
+            wqkv = torch.cat([wq, wk, w(a + "v_proj.weight")])
             biases = [opt(a + f"{n}_proj.bias") for n in "qkv"]
             if any(b is not None for b in biases):  # qwen2: q/k/v biases
                 sizes = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim)
                 biases = [b if b is not None else torch.zeros(n, dtype=dtype, device=self.device) for b, n in zip(biases, sizes)]
+                biases[:2] = [_pair_rows(b, h) for b, h in zip(biases[:2], heads)]
                 bqkv = torch.cat(biases)
             else:
                 bqkv = None
@@ -294,15 +296,19 @@ class LlamaModel:
         return cls(cfg, weights, dtype=dtype, device=device)
 
     def allocate_kv_cache(
-        self, num_blocks: int, block_size: int, device: str | torch.device | None = None
+        self, num_blocks: int, block_size: int, device: str | torch.device | None = None, zeroed: bool = True
     ) -> torch.Tensor:
-        """A zeroed pool [num_layers, 2, num_kv_heads, num_blocks, block_size, head_dim].
+        """A pool [num_layers, 2, num_kv_heads, num_blocks, block_size, head_dim].
 
         Head-major: one head's blocks are contiguous rows, so a decode step gathers whole blocks
-        per head and attention runs as plain batched matmuls over contiguous tensors."""
+        per head and attention runs as plain batched matmuls over contiguous tensors. The pool
+        attention reads must be ``zeroed``: padding slots are masked out of the softmax, but a
+        NaN left in memory would still poison the weighted sum. A swap pool, whose blocks are
+        always written before they are read, need not be, and then takes no memory until used."""
         c = self.cfg
         shape = (c.num_layers, 2, c.num_kv_heads, num_blocks, block_size, c.head_dim)
-        return torch.zeros(shape, dtype=self.dtype, device=self.device if device is None else device)
+        make = torch.zeros if zeroed else torch.empty
+        return make(shape, dtype=self.dtype, device=self.device if device is None else device)
 
     # ---- forward ---------------------------------------------------------------------------
     @torch.inference_mode()
@@ -373,29 +379,28 @@ class LlamaModel:
                 table = list(seqs[i].block_table)[: -(-dec_ctx[j] // bs)]
                 dec_tables[j, : len(table)] = torch.as_tensor(table, dtype=torch.long)
             dec_blocks = (torch.arange(KV)[:, None] * num_blocks + dec_tables.flatten()[None, :]).flatten().to(dev)
-            padding = torch.arange(max_blocks * bs)[None, :] >= torch.tensor(dec_ctx)[:, None]
-            dec_bias = _mask_bias(padding).to(dev)[None, :, None, :]  # [1, B, 1, ctx]
+            valid = torch.arange(max_blocks * bs)[None, :] < torch.tensor(dec_ctx)[:, None]
+            dec_mask = valid.to(dev)[:, None, None, :]  # [B, 1, 1, ctx]: True = attend
             dec_rows = torch.tensor([starts[i] for i in dec], dtype=torch.long, device=dev)
-        pre_rows, pre_biases = {}, {}
+        # A prefill chunk attends causally to its own tokens and, after the first chunk, to the
+        # sequence's earlier tokens, gathered from the cache (flash attention; no score matrix).
+        pre_rows, pre_masks = {}, {}
         for i in pre:
+            if seqs[i].num_computed == 0:
+                continue  # its keys and values are this step's own: plain causal attention
             ctx = len(ctx_slots[i])
             q_pos = torch.arange(ctx - lens[i], ctx)
-            # Rows ordered (token, query head in the group), as the grouped queries are laid out.
-            future = torch.arange(ctx)[None, :] > q_pos[:, None]  # [n, ctx]
-            pre_biases[i] = _mask_bias(future.repeat_interleave(G, dim=0)).to(dev)
+            pre_masks[i] = (torch.arange(ctx)[None, :] <= q_pos[:, None]).to(dev)  # [n, ctx]: True = attend
             pre_rows[i] = (head_rows + ctx_slots[i][None, :]).flatten().to(dev)
 
-        # RoPE tables, computed in float32 like Hugging Face, then cast.
+        # RoPE angles in float32, as Hugging Face computes them: one unit complex per position and pair.
         freqs = pos_t.float()[:, None] * self.inv_freq.cpu()[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
+        rotation = torch.polar(torch.ones_like(freqs), freqs).to(dev)[:, None, :]  # [T, 1, D/2]
         T = len(ids)
-        # Activations in fp32 where the linears run on their fp32 copies (see _Linear); the KV
-        # cache and attention stay in the model's dtype.
+        # Activations (prefill attention included) in fp32 where the linears run on their fp32
+        # copies (see _Linear); the KV cache and decode attention stay in the model's dtype.
         act = torch.float32 if self.lm_head.has_fp32_copy and T >= FP32_GEMM_MIN_ROWS else self.dtype
-        cos = emb.cos().to(dev, act)[:, None, :]  # [T, 1, D]
-        sin = emb.sin().to(dev, act)[:, None, :]
 
-        scale = 1.0 / math.sqrt(D)
         x = self.embed[ids_t].to(act)
         last_rows = torch.tensor([starts[i + 1] - 1 for i in range(len(seqs))], device=dev)
         taps: dict[int, torch.Tensor] = {0: x} if 0 in hidden_layers else {}
@@ -405,36 +410,35 @@ class LlamaModel:
             q = qkv[:, : H * D].view(T, H, D)
             k = qkv[:, H * D : (H + KV) * D].view(T, KV, D)
             v = qkv[:, (H + KV) * D :].view(T, KV, D)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+            q = _rope(q, rotation)
+            k = _rope(k, rotation)
             k_rows = kv_cache[li, 0].view(KV * num_blocks * bs, D)
             v_rows = kv_cache[li, 1].view(KV * num_blocks * bs, D)
             k_rows.index_copy_(0, new_rows, k.transpose(0, 1).reshape(KV * T, D).to(self.dtype))
             v_rows.index_copy_(0, new_rows, v.transpose(0, 1).reshape(KV * T, D).to(self.dtype))
-            q = q.to(self.dtype)
 
-            attn = torch.empty(T, H, D, dtype=self.dtype, device=dev)
+            attn = torch.empty(T, H, D, dtype=act, device=dev)
             for i in pre:
                 a, b = starts[i], starts[i + 1]
-                kc = k_rows.index_select(0, pre_rows[i]).view(KV, -1, D).transpose(1, 2)  # [KV, D, ctx]
-                vc = v_rows.index_select(0, pre_rows[i]).view(KV, -1, D)  # [KV, ctx, D]
-                # Query rows in pieces so the float32 scores stay under ~64 MB.
-                step = max(1, _ATTN_SCORE_BUDGET // (H * kc.shape[-1]))
-                for c in range(a, b, step):
-                    e = min(c + step, b)
-                    qp = q[c:e].view(e - c, KV, G, D).permute(1, 0, 2, 3).reshape(KV, (e - c) * G, D)
-                    bias = pre_biases[i][(c - a) * G : (e - a) * G]
-                    o = _attend(qp, kc, vc, bias, scale)  # [KV, rows*G, D]
-                    attn[c:e] = o.view(KV, e - c, G, D).permute(1, 0, 2, 3).reshape(e - c, H, D)
+                if i in pre_rows:
+                    kc = k_rows.index_select(0, pre_rows[i]).view(1, KV, -1, D).to(act)  # [1, KV, ctx, D]
+                    vc = v_rows.index_select(0, pre_rows[i]).view(1, KV, -1, D).to(act)
+                else:
+                    kc, vc = k[None, a:b].transpose(1, 2), v[None, a:b].transpose(1, 2)
+                # Four dimensions: with three, CPU SDPA falls back from flash to its math path.
+                o = F.scaled_dot_product_attention(q[None, a:b].transpose(1, 2), kc, vc, attn_mask=pre_masks.get(i),
+                                                   is_causal=i not in pre_masks, enable_gqa=True)  # [1, H, n, D]
+                attn[a:b] = o[0].transpose(0, 1)
             if dec:
                 B = len(dec)
                 kc = kv_cache[li, 0].view(KV * num_blocks, bs * D).index_select(0, dec_blocks).view(KV, B, -1, D)
                 vc = kv_cache[li, 1].view(KV * num_blocks, bs * D).index_select(0, dec_blocks).view(KV, B, -1, D)
-                qd = q[dec_rows].view(B, KV, G, D).transpose(0, 1)  # [KV, B, G, D]
-                o = _attend(qd, kc.transpose(-1, -2), vc, dec_bias, scale)  # [KV, B, G, D]
-                attn[dec_rows] = o.transpose(0, 1).reshape(B, H, D)
+                # A KV head's G query heads are G query rows against its keys: [B, KV, G, D].
+                qd = q[dec_rows].to(self.dtype).view(B, KV, G, D)
+                o = F.scaled_dot_product_attention(qd, kc.transpose(0, 1), vc.transpose(0, 1), attn_mask=dec_mask)
+                attn[dec_rows] = o.reshape(B, H, D).to(act)
 
-            x = x + layer.o(attn.view(T, H * D).to(act))
+            x = x + layer.o(attn.view(T, H * D))
             h = _rms_norm(x, layer.ln2, cfg.rms_norm_eps)
             gu = layer.gate_up(h)
             gate, up = gu.chunk(2, dim=-1)

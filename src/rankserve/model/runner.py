@@ -105,7 +105,8 @@ class ModelExecutor:
         self.model = model
         self.block_size = block_size
         self.kv_cache = model.allocate_kv_cache(num_device_blocks, block_size)
-        self.host_cache = model.allocate_kv_cache(num_host_blocks, block_size, device="cpu") if num_host_blocks else None
+        self.host_cache = (model.allocate_kv_cache(num_host_blocks, block_size, device="cpu", zeroed=False)
+                           if num_host_blocks else None)
         self.hidden_layers = tuple(hidden_layers)
         self.sampler = Sampler(seed)
         self._hidden: HiddenStates | None = None
