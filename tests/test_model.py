@@ -164,7 +164,13 @@ def test_greedy_alone(tiny):
     assert s.generated == ref
 
 
-def test_greedy_mixed_batch_chunked_prefill(tiny):
+@pytest.mark.parametrize("group_cost", [None, 0])
+def test_greedy_mixed_batch_chunked_prefill(tiny, group_cost, monkeypatch):
+    """group_cost 0: every distinct decode context length attends as its own group."""
+    if group_cost is not None:
+        import rankserve.model.llama as llama_mod
+
+        monkeypatch.setattr(llama_mod, "DECODE_GROUP_COST_BLOCKS", group_cost)
     hf, ours = tiny
     prompts = _prompts(4)
     refs = [_hf_greedy(hf, p, STEPS) for p in prompts]
@@ -517,3 +523,29 @@ def test_sample_rows_matches_one_row_at_a_time():
     assert batched == one_by_one
     assert batched[0] == 7 and batched[4] == 7
     assert batched[1] != 7 and batched[2] != 7  # the penalty and min_tokens paths were taken
+
+
+def test_length_groups_is_the_cheapest_split():
+    """Against brute force over every split of the sorted lengths, on random small cases."""
+    import itertools
+    import random
+
+    from rankserve.model.llama import length_groups
+
+    def cost(groups, lengths, c):
+        return sum(len(g) * max(lengths[i] for i in g) + c for g in groups)
+
+    rng = random.Random(0)
+    for _ in range(200):
+        lengths = [rng.randint(1, 40) for _ in range(rng.randint(1, 7))]
+        c = rng.choice([0, 3, 10, 100])
+        groups = length_groups(lengths, c)
+        assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+        order = sorted(range(len(lengths)), key=lengths.__getitem__)
+        best = min(
+            cost([order[a:b] for a, b in zip((0, *cuts), (*cuts, len(order)))], lengths, c)
+            for k in range(len(order))
+            for cuts in itertools.combinations(range(1, len(order)), k)
+        )
+        assert cost(groups, lengths, c) == best
+    assert len(length_groups([1, 1, 1, 50], 0)) == 2 and len(length_groups([1, 1, 1, 50], 1000)) == 1
