@@ -549,3 +549,16 @@ def test_length_groups_is_the_cheapest_split():
         )
         assert cost(groups, lengths, c) == best
     assert len(length_groups([1, 1, 1, 50], 0)) == 2 and len(length_groups([1, 1, 1, 50], 1000)) == 1
+
+
+def test_draw_follows_the_distribution():
+    """Inverse-CDF draws: zero-probability tokens never come up, frequencies match, a seed repeats."""
+    from rankserve.model.runner import _draw
+
+    probs = torch.tensor([0.0, 0.5, 0.0, 0.3, 0.2, 0.0])
+    gen = torch.Generator().manual_seed(0)
+    counts = torch.bincount(torch.tensor([_draw(probs, gen) for _ in range(4000)]), minlength=6).float()
+    assert counts[[0, 2, 5]].sum() == 0
+    assert torch.allclose(counts / 4000, probs, atol=0.03)
+    draws = [[_draw(probs, torch.Generator().manual_seed(7)) for _ in range(3)] for _ in range(2)]
+    assert draws[0] == draws[1]
