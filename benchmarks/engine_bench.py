@@ -17,8 +17,10 @@ by the same factor so a 2-core CPU finishes a run in minutes without changing th
 token counts, the output lengths) in the simulator with the same system and prints the error of
 its mean latency and TTFT against the engine's (simulator fidelity). --plan runs no server: it
 simulates the planned trace (prompt lengths from the tokenizer) to choose rates before spending
-CPU time on the engine. Writes one JSON per system and report.md / latency_vs_rate.png /
-latency_cdf.png (via bench-report), plus fidelity.md with --simulate.
+CPU time on the engine. --reuse runs nothing and rebuilds the report and fidelity table from the
+JSONs a previous run left in --out (e.g. after recalibrating the simulator). Writes one JSON per
+system and report.md / latency_vs_rate.png / latency_cdf.png (via bench-report), plus fidelity.md
+with --simulate.
 """
 
 from __future__ import annotations
@@ -208,6 +210,8 @@ def main() -> None:
                     help="also simulate every measured trace on this cost model (fidelity)")
     ap.add_argument("--plan", action="store_true", help="only simulate the planned runs (no server)")
     ap.add_argument("--out", type=Path, default=Path("out/engine_bench"))
+    ap.add_argument("--reuse", action="store_true",
+                    help="run no server: rebuild the report (and --simulate's fidelity) from the JSONs in --out")
     args = ap.parse_args()
     for system in args.systems:
         system_spec(system, args)  # a bad system name fails before any server starts
@@ -218,7 +222,7 @@ def main() -> None:
     runs = [(s, lambda port, s=s: start_rankserve(s, port, args)) for s in args.systems]
     if args.vllm_python:
         runs.append(("vllm-fcfs", lambda port: start_vllm(port, args)))
-    for label, start in runs:
+    for label, start in ([] if args.reuse else runs):
         port = free_port()
         proc = start(port)
         try:
