@@ -3,6 +3,8 @@ scattered through the KV pool as a long-running engine leaves them.
 
     python benchmarks/decode_step.py [--batch 96] [--context 600] [--repeats 5]
     python benchmarks/decode_step.py --random-config llama3-8b.json --device cuda --batch 64
+    python benchmarks/decode_step.py --batch 15 --context 200 --same-context --long-context 1000
+    python benchmarks/decode_step.py --batch 15 --context 250 --same-context --prefill-chunk 497
 
 Default: the embedded SmolLM2 (bf16, CPU). ``--model`` serves any local Hugging Face directory;
 ``--random-config`` builds random weights of a config.json's shape instead (step time depends on
@@ -55,6 +57,9 @@ def main() -> None:
     ap.add_argument("--random-config", default=None, help="config.json: random weights of that shape")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--same-context", action="store_true", help="every sequence at --context (no mix)")
+    ap.add_argument("--long-context", type=int, default=0, help="plus one sequence decoding at this context")
+    ap.add_argument("--prefill-chunk", type=int, default=0, help="plus one fresh prompt of this many tokens")
     args = ap.parse_args()
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
@@ -63,11 +68,16 @@ def main() -> None:
     else:
         _, model = load_model(args.model, dtype=dtype, device=args.device)
     bs = 16
-    blocks_per_seq = (args.context + bs) // bs + 1
-    cache = model.allocate_kv_cache(args.batch * blocks_per_seq + 8, bs)
-    order = torch.randperm(args.batch * blocks_per_seq).tolist()  # scattered blocks
-    seqs = [SeqInput([5], args.context - (i * 37 % (args.context // 2)), order[i * blocks_per_seq:(i + 1) * blocks_per_seq])
+    blocks_per_seq = (max(args.context, args.long_context, args.prefill_chunk) + bs) // bs + 1
+    cache = model.allocate_kv_cache((args.batch + 2) * blocks_per_seq + 8, bs)
+    order = torch.randperm((args.batch + 2) * blocks_per_seq).tolist()  # scattered blocks
+    tables = [order[i * blocks_per_seq:(i + 1) * blocks_per_seq] for i in range(args.batch + 2)]
+    seqs = [SeqInput([5], args.context if args.same_context else args.context - (i * 37 % (args.context // 2)), tables[i])
             for i in range(args.batch)]
+    if args.long_context:
+        seqs.append(SeqInput([5], args.long_context, tables[args.batch]))
+    if args.prefill_chunk:
+        seqs.append(SeqInput(list(range(100, 100 + args.prefill_chunk)), 0, tables[args.batch + 1]))
     for _ in range(2):
         model.forward(seqs, cache)
     synchronize(model.device)
@@ -76,8 +86,10 @@ def main() -> None:
         model.forward(seqs, cache)
     synchronize(model.device)
     step = (time.perf_counter() - started) / args.repeats
-    print(f"batch {args.batch}, context <= {args.context}, {model.device.type}: {step * 1e3:.1f} ms/step, "
-          f"{args.batch / step:.0f} tok/s")
+    extra = (f" + 1 at {args.long_context}" if args.long_context else "") + (
+        f" + a {args.prefill_chunk}-token prefill" if args.prefill_chunk else "")
+    print(f"batch {args.batch}, context {'=' if args.same_context else '<='} {args.context}{extra}, "
+          f"{model.device.type}: {step * 1e3:.1f} ms/step")
 
 
 if __name__ == "__main__":

@@ -7,8 +7,9 @@ offset ``p % bs``.
 
 ``LlamaModel.forward`` runs a *mixed batch* in one pass: every sequence brings its new tokens (a prefill
 chunk of any length or one decode token), how many of its tokens are already in the cache, and its block
-table. The matmuls run over all new tokens of all sequences at once; attention runs per prefill sequence
-and once, padded, for all decode sequences. It returns the logits of each sequence's last new token.
+table. The matmuls run over all new tokens of all sequences at once; attention (torch's flash kernel)
+runs per prefill sequence and, padded, once per group of decode sequences of similar context length.
+It returns the logits of each sequence's last new token.
 """
 
 from __future__ import annotations

@@ -565,19 +565,20 @@ def cpu_smollm2_135m() -> LinearCostModel:
     """``cpu-smollm2-135m``: rankserve's own engine serving SmolLM2-135M-Instruct in bf16 on the
     2-core machines here.
 
-    Calibrated on the real engine, 2026-11-21 (``python benchmarks/calibrate_cpu.py``): 2,011 timed
-    steps (schedule, forward, sampling, update) from a replayed ShareGPT trace (120 requests,
-    prompts <= 512 and outputs <= 256 tokens, Poisson 1.5 req/s, max_num_seqs 16,
-    max_num_batched_tokens 512) and a sweep of batch shapes (1-64 sequences, contexts 64-768),
-    fitted by non-negative least squares; mean absolute error per step 12.3 percent. On a second
-    trace (another seed) the simulator's mean latency came within -6.0 percent of the engine's
-    (TTFT -6.7 percent, throughput +5.0 percent).
+    Calibrated on the real engine, 2026-11-26, on a 2-vCPU Intel Xeon (``python
+    benchmarks/calibrate_cpu.py``): 2,041 timed steps (schedule, forward, sampling, update) from a
+    replayed ShareGPT trace (120 requests, prompts <= 512 and outputs <= 256 tokens, Poisson
+    1.5 req/s, max_num_seqs 16, max_num_batched_tokens 512) and a sweep of batch shapes (1-64
+    sequences, contexts 64-768), fitted by non-negative least squares; mean absolute error per step
+    3.2 percent. On a second trace (another seed) the simulator's mean latency came within -2.2
+    percent of the engine's (TTFT -4.1 percent, throughput +0.8 percent).
 
-    * base 31.5 ms per step; 3.6 ms per decoding sequence;
-    * prefill 0.46 ms per prompt token; attention 1.2 us per query-key pair;
-    * 7.2 us per context token read (gathering KV blocks dominates attention, see docs/ENGINE.md).
-    It predicts 37 ms for a batch-1 decode step at 192 tokens of context (engine_throughput measured
-    38.7 ms) but 367 ms at batch 64 (measured 177 ms): trust it for batches up to ~16.
+    * base 26.9 ms per step; 1.96 ms per scheduled sequence (the fit puts decode there: 0 per
+      decode token);
+    * prefill 0.78 ms per prompt token; attention 0.40 us per query-key pair;
+    * 3.8 us per context token read (the decode KV gather, docs/ENGINE.md).
+    It predicts 29.6 ms for a batch-1 decode step at 192 tokens of context (engine_throughput
+    measured 26.3 ms) and 204 ms at batch 64 (measured 157.5 ms: the fit is linear in batch size).
 
     KV capacity: 2 GiB (rankserve serve's default --kv-cache-gb) / 23,040 bytes per token (30 layers
     x 3 KV heads x 64 x 2 (K, V) x 2 bytes) = 93,206 tokens. Host swap: 4 GiB (--swap-space-gb)
@@ -586,12 +587,12 @@ def cpu_smollm2_135m() -> LinearCostModel:
     kv_bytes = SMOLLM2_135M.kv_bytes_per_token
     return LinearCostModel(
         name="cpu-smollm2-135m",
-        base_s=0.03145,
-        prefill_s_per_token=0.0004592,
-        decode_s_per_token=0.003636,
-        kv_s_per_token=7.17e-06,
-        attn_s_per_pair=1.194e-06,
-        seq_s=0,
+        base_s=0.02686,
+        prefill_s_per_token=0.0007764,
+        decode_s_per_token=0.0,
+        kv_s_per_token=3.784e-06,
+        attn_s_per_pair=3.978e-07,
+        seq_s=0.001961,
         kv_capacity_tokens=2 * GiB // kv_bytes,
         host_capacity_tokens=4 * GiB // kv_bytes,
         kv_bytes_per_token=kv_bytes,
