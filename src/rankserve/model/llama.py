@@ -402,28 +402,25 @@ class LlamaModel:
         head_rows = torch.arange(KV)[:, None] * (num_blocks * bs)
         new_rows = (head_rows + new_slots[None, :]).flatten().to(dev)
 
-        # Decode sequences (one new token) share one padded attention call.
         dec = [i for i, n in enumerate(lens) if n == 1]
         pre = [i for i, n in enumerate(lens) if n > 1]
         # Decode sequences (one new token) attend in groups of similar context length: each group
         # gathers its sequences' whole blocks, padded to its longest (padding masked out).
+        dec_ctx = [len(ctx_slots[i]) for i in dec]
+        dec_blocks = [-(-c // bs) for c in dec_ctx]
         dec_groups: list[_DecodeGroup] = []
-        if dec:
-            dec_ctx = [len(ctx_slots[i]) for i in dec]
-            for members in length_groups([-(-c // bs) for c in dec_ctx], DECODE_GROUP_COST_BLOCKS):
-                group = [dec[j] for j in members]
-                ctxs = [dec_ctx[j] for j in members]
-                max_blocks = -(-max(ctxs) // bs)
-                tables = torch.zeros(len(group), max_blocks, dtype=torch.long)
-                for row, (i, c) in enumerate(zip(group, ctxs)):
-                    tables[row, : -(-c // bs)] = torch.as_tensor(list(seqs[i].block_table)[: -(-c // bs)])
-                blocks = (torch.arange(KV)[:, None] * num_blocks + tables.flatten()[None, :]).flatten()
-                valid = torch.arange(max_blocks * bs)[None, :] < torch.tensor(ctxs)[:, None]
-                dec_groups.append(_DecodeGroup(
-                    rows=torch.tensor([starts[i] for i in group], dtype=torch.long, device=dev),
-                    blocks=blocks.to(dev),
-                    mask=valid.to(dev)[:, None, None, :],  # [B, 1, 1, ctx]: True = attend
-                ))
+        for members in length_groups(dec_blocks, DECODE_GROUP_COST_BLOCKS):
+            max_blocks = max(dec_blocks[j] for j in members)
+            tables = torch.zeros(len(members), max_blocks, dtype=torch.long)
+            for row, j in enumerate(members):
+                tables[row, : dec_blocks[j]] = torch.as_tensor(list(seqs[dec[j]].block_table)[: dec_blocks[j]])
+            blocks = (torch.arange(KV)[:, None] * num_blocks + tables.flatten()[None, :]).flatten()
+            valid = torch.arange(max_blocks * bs)[None, :] < torch.tensor([dec_ctx[j] for j in members])[:, None]
+            dec_groups.append(_DecodeGroup(
+                rows=torch.tensor([starts[dec[j]] for j in members], dtype=torch.long, device=dev),
+                blocks=blocks.to(dev),
+                mask=valid.to(dev)[:, None, None, :],  # [B, 1, 1, ctx]: True = attend
+            ))
         # A prefill chunk attends causally to its own tokens and, after the first chunk, to the
         # sequence's earlier tokens, gathered from the cache (flash attention; no score matrix).
         pre_rows, pre_masks = {}, {}
