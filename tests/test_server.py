@@ -180,3 +180,10 @@ def test_prometheus_metrics_use_vllm_names(served):
     assert 'vllm:prompt_tokens_total{model_name="tiny"} 6.0' in text
     assert 'vllm:request_success_total{finished_reason="length",model_name="tiny"} 3.0' in text
     assert 'vllm:inter_token_latency_seconds_count{model_name="tiny"} 9.0' in text
+    # The engine thread's totals: 3 prompts of 2 tokens, 3 decode steps' tokens each.
+    assert 'rankserve:engine_prefill_tokens_total{model_name="tiny"} 6.0' in text
+    assert 'rankserve:engine_decode_tokens_total{model_name="tiny"} 9.0' in text
+    totals = {line.split("{")[0]: float(line.split()[-1]) for line in text.splitlines() if line.startswith("rankserve:")}
+    assert 3 <= totals["rankserve:engine_steps_total"] <= 12
+    assert totals["rankserve:engine_busy_seconds_total"] > 0
+    assert totals["rankserve:predictor_scoring_seconds_total"] >= 0

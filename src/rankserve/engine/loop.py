@@ -46,6 +46,20 @@ class RequestOutput:
 OutputCallback = Callable[[RequestOutput], None]
 
 
+@dataclass
+class EngineStats:
+    """Running totals of the engine thread's work, read by the server's /metrics.
+
+    busy_s / uptime is how much of its capacity the engine uses; scoring_s / busy_s is the
+    predictor's share at admission; tokens / steps is the mean batch."""
+
+    steps: int = 0
+    busy_s: float = 0.0  # inside EngineCore.step (forward, sampling, scheduling, refinement)
+    scoring_s: float = 0.0  # scoring arrivals in EngineCore.add_requests
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
+
+
 class EngineLoop:
     """Runs ``EngineCore.step`` in a background thread while there is work."""
 
@@ -58,6 +72,7 @@ class EngineLoop:
         self._thread: threading.Thread | None = None
         self._live: dict[str, tuple[Request, OutputCallback]] = {}
         self._emitted: dict[str, int] = {}
+        self.stats = EngineStats()
 
     # ---- called from any thread ------------------------------------------------------------
     def start(self) -> None:
@@ -98,6 +113,7 @@ class EngineLoop:
                 self._wake.wait(self.idle_wait_s)
                 self._wake.clear()
                 continue
+            started = time.perf_counter()
             try:
                 out, _ = self.core.step()
             except Exception as exc:  # a failed step must not lose the requests in it
@@ -105,6 +121,11 @@ class EngineLoop:
                 for req, _cb in list(self._live.values()):
                     self._end(req, f"engine error: {exc}")
                 continue
+            stats = self.stats
+            stats.busy_s += time.perf_counter() - started
+            stats.steps += 1
+            stats.prefill_tokens += out.num_prefill_tokens
+            stats.decode_tokens += out.num_decode_tokens
             for req in out.requests:
                 self._emit(req)
         self._drain_inbox()
@@ -136,12 +157,14 @@ class EngineLoop:
                     self._end(req, second)
         if added:
             # Score arrivals in one batch (the predictor runs here, between steps, never inside one).
+            started = time.perf_counter()
             try:
                 self.core.add_requests(added)
             except Exception as exc:
                 log.exception("admission failed")
                 for req in added:
                     self._end(req, f"rejected: {exc}")
+            self.stats.scoring_s += time.perf_counter() - started
 
     def _end(self, req: Request, reason: str) -> None:
         self.core.scheduler.abort(req, reason)

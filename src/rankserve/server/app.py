@@ -184,7 +184,8 @@ def build_app(config: ServerConfig, tokenizer: TextTokenizer | None, engine: Asy
     @app.get("/metrics")
     async def prometheus() -> Response:
         engine = app.state.engine
-        body = metrics.render(engine.loop.core.scheduler if engine is not None else None)
+        body = (metrics.render(engine.loop.core.scheduler, engine.loop.stats) if engine is not None
+                else metrics.render(None))
         return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/v1/models")

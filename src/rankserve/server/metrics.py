@@ -2,10 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 
 from rankserve.core.request import Request, RequestStatus
 from rankserve.core.scheduler import Scheduler
+from rankserve.engine.loop import EngineStats
+
+# The engine thread's totals (vLLM has no names for these): busy / uptime is the share of its
+# capacity in use, scoring / busy the predictor's overhead, tokens / steps the mean batch.
+_ENGINE_COUNTERS = (
+    ("rankserve:engine_steps", "Engine steps run.", "steps"),
+    ("rankserve:engine_busy_seconds", "Seconds spent inside engine steps.", "busy_s"),
+    ("rankserve:predictor_scoring_seconds", "Seconds spent scoring arrivals at admission.", "scoring_s"),
+    ("rankserve:engine_prefill_tokens", "Prompt tokens computed (recompute included).", "prefill_tokens"),
+    ("rankserve:engine_decode_tokens", "Decode tokens computed.", "decode_tokens"),
+)
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
 _TOKEN_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
@@ -38,6 +52,17 @@ class ServerMetrics:
         self.preemptions = counter("vllm:num_preemptions", "Requests taken out of the running batch.")
         self.success = Counter("vllm:request_success", "Requests ended, by finish reason.",
                                labels + ["finished_reason"], registry=self.registry)
+        self._engine_stats: EngineStats | None = None
+        self.registry.register(self)  # collect() adds the engine counters
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        stats = self._engine_stats
+        if stats is None:
+            return
+        for name, doc, attr in _ENGINE_COUNTERS:
+            family = CounterMetricFamily(name, doc, labels=["model_name"])
+            family.add_metric([self._label["model_name"]], getattr(stats, attr))
+            yield family
 
     def observe_finished(self, req: Request) -> None:
         """Record a request that has ended (finished or aborted)."""
@@ -57,8 +82,9 @@ class ServerMetrics:
         for earlier, later in zip(req.token_times, req.token_times[1:]):
             itl.observe(later - earlier)
 
-    def render(self, scheduler: Scheduler | None) -> bytes:
-        """The exposition text; the scheduler's gauges are read at scrape time."""
+    def render(self, scheduler: Scheduler | None, engine_stats: EngineStats | None = None) -> bytes:
+        """The exposition text; the scheduler's gauges and the engine's totals are read at scrape time."""
+        self._engine_stats = engine_stats
         if scheduler is not None:
             self.running.labels(**self._label).set(len(scheduler.running))
             self.waiting.labels(**self._label).set(scheduler.num_queued)
