@@ -50,8 +50,8 @@ OutputCallback = Callable[[RequestOutput], None]
 class EngineStats:
     """Running totals of the engine thread's work, read by the server's /metrics.
 
-    busy_s / uptime is how much of its capacity the engine uses; scoring_s / busy_s is the
-    predictor's share at admission; tokens / steps is the mean batch."""
+    busy_s per second of wall time is the share of its capacity in use; scoring_s / busy_s is
+    the predictor's share at admission; tokens / steps is the mean batch."""
 
     steps: int = 0
     busy_s: float = 0.0  # inside EngineCore.step (forward, sampling, scheduling, refinement)

@@ -11,7 +11,7 @@ from rankserve.core.request import Request, RequestStatus
 from rankserve.core.scheduler import Scheduler
 from rankserve.engine.loop import EngineStats
 
-# The engine thread's totals (vLLM has no names for these): busy / uptime is the share of its
+# The engine thread's totals (vLLM has no names for these): rate(busy) is the share of its
 # capacity in use, scoring / busy the predictor's overhead, tokens / steps the mean batch.
 _ENGINE_COUNTERS = (
     ("rankserve:engine_steps", "Engine steps run.", "steps"),
