@@ -336,7 +336,7 @@ class LlamaModel:
         """A pool [num_layers, 2, num_kv_heads, num_blocks, block_size, head_dim].
 
         Head-major: one head's blocks are contiguous rows, so a decode step gathers whole blocks
-        per head and attention runs as plain batched matmuls over contiguous tensors. The pool
+        per head into contiguous tensors for the attention kernel. The pool
         attention reads must be ``zeroed``: padding slots are masked out of the softmax, but a
         NaN left in memory would still poison the weighted sum. A swap pool, whose blocks are
         always written before they are read, need not be, and then takes no memory until used."""
@@ -423,14 +423,15 @@ class LlamaModel:
             ))
         # A prefill chunk attends causally to its own tokens and, after the first chunk, to the
         # sequence's earlier tokens, gathered from the cache (flash attention; no score matrix).
-        pre_rows, pre_masks = {}, {}
+        # pre_cached: a later chunk's cache rows and mask (a first chunk needs neither).
+        pre_cached: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for i in pre:
             if seqs[i].num_computed == 0:
-                continue  # its keys and values are this step's own: plain causal attention
+                continue
             ctx = len(ctx_slots[i])
             q_pos = torch.arange(ctx - lens[i], ctx)
-            pre_masks[i] = (torch.arange(ctx)[None, :] <= q_pos[:, None]).to(dev)  # [n, ctx]: True = attend
-            pre_rows[i] = (head_rows + ctx_slots[i][None, :]).flatten().to(dev)
+            pre_cached[i] = ((head_rows + ctx_slots[i][None, :]).flatten().to(dev),
+                             (torch.arange(ctx)[None, :] <= q_pos[:, None]).to(dev))  # [n, ctx]: True = attend
 
         # RoPE angles in float32, as Hugging Face computes them: one unit complex per position and pair.
         freqs = pos_t.float()[:, None] * self.inv_freq.cpu()[None, :]
@@ -459,14 +460,16 @@ class LlamaModel:
             attn = torch.empty(T, H, D, dtype=act, device=dev)
             for i in pre:
                 a, b = starts[i], starts[i + 1]
-                if i in pre_rows:
-                    kc = k_rows.index_select(0, pre_rows[i]).view(1, KV, -1, D).to(act)  # [1, KV, ctx, D]
-                    vc = v_rows.index_select(0, pre_rows[i]).view(1, KV, -1, D).to(act)
+                cached = pre_cached.get(i)
+                if cached is not None:
+                    kc = k_rows.index_select(0, cached[0]).view(1, KV, -1, D).to(act)  # [1, KV, ctx, D]
+                    vc = v_rows.index_select(0, cached[0]).view(1, KV, -1, D).to(act)
+                    mask = cached[1]
                 else:
-                    kc, vc = k[None, a:b].transpose(1, 2), v[None, a:b].transpose(1, 2)
+                    kc, vc, mask = k[None, a:b].transpose(1, 2), v[None, a:b].transpose(1, 2), None
                 # Four dimensions: with three, CPU SDPA falls back from flash to its math path.
-                o = F.scaled_dot_product_attention(q[None, a:b].transpose(1, 2), kc, vc, attn_mask=pre_masks.get(i),
-                                                   is_causal=i not in pre_masks, enable_gqa=True)  # [1, H, n, D]
+                o = F.scaled_dot_product_attention(q[None, a:b].transpose(1, 2), kc, vc, attn_mask=mask,
+                                                   is_causal=mask is None, enable_gqa=True)  # [1, H, n, D]
                 attn[a:b] = o[0].transpose(0, 1)
             for g in dec_groups:
                 B = len(g.rows)

@@ -53,10 +53,14 @@ class Sampler:
         self._per_request.pop(req.seq, None)
 
     @staticmethod
-    def _plain_greedy(req: Request) -> bool:
+    def _too_early_to_stop(req: Request) -> bool:
+        """Below ``min_tokens``, stop tokens (EOS among them) must not be sampled."""
+        return len(req.output_token_ids) < req.sampling.min_tokens and bool(req.sampling.stop_token_ids)
+
+    @classmethod
+    def _plain_greedy(cls, req: Request) -> bool:
         sp = req.sampling
-        too_early = len(req.output_token_ids) < sp.min_tokens and bool(sp.stop_token_ids)
-        return sp.temperature == 0 and sp.repetition_penalty == 1.0 and not too_early
+        return sp.temperature == 0 and sp.repetition_penalty == 1.0 and not cls._too_early_to_stop(req)
 
     def sample_rows(self, logits: torch.Tensor, requests: Sequence[Request]) -> list[int]:
         """One token per row of ``logits`` [num_requests, vocab]; the plain greedy rows share one
@@ -68,8 +72,7 @@ class Sampler:
     def sample(self, logits: torch.Tensor, req: Request) -> int:
         sp: SamplingParams = req.sampling
         logits = logits.float()
-        if len(req.output_token_ids) < sp.min_tokens and sp.stop_token_ids:
-            # Too early to stop: stop tokens (EOS among them) cannot be sampled.
+        if self._too_early_to_stop(req):
             logits = logits.clone()
             logits[[t for t in sp.stop_token_ids if t < logits.shape[-1]]] = float("-inf")
         if sp.repetition_penalty != 1.0:
