@@ -218,7 +218,10 @@ def main() -> None:
                     help="run no server: rebuild the report (and --simulate's fidelity) from the JSONs in --out")
     args = ap.parse_args()
     for system in args.systems:
-        system_spec(system, args)  # a bad system name fails before any server starts
+        try:
+            system_spec(system, args)  # a bad system name fails before any server starts
+        except ValueError as exc:
+            ap.error(f"--systems: {exc}")
     if args.plan:
         plan(args)
         return
