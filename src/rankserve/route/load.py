@@ -30,11 +30,20 @@ expected remaining life grows with age; 0 restores the naive clamp at zero). Bot
 prediction the request counts ``default_output_tokens``.
 
 Sums are kept incrementally, so each event costs O(1).
+
+A ranker gives a score, not a length. :class:`ScoreLengths` turns scores into expected output
+lengths from what the router itself sees finish::
+
+    lengths = ScoreLengths(bins=16, refit_every=256)
+    lengths.observe(score, output_tokens)     # a request with this score finished after this many
+    lengths.predict(score)                    # mean length of finished requests in its score bin
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import numpy as np
 
 
 def remaining_output(predicted: float, generated: int, max_tokens: int | None, overrun_factor: float) -> float:
@@ -213,3 +222,49 @@ class ReplicaLoad:
         self._demand += demand - entry.demand
         entry.work = work
         entry.demand = demand
+
+
+class ScoreLengths:
+    """Expected output length of a rank score, learned online from finished requests.
+
+    Scores are binned at the quantiles of the scores seen (``bins`` bins, refitted every
+    ``refit_every`` observations over the last ``window``); a score predicts the mean length of its
+    bin, i.e. E[length | score bin]: with a ranker of modest accuracy that regresses towards the
+    mean, which is what a sum of work wants. Before ``min_samples`` observations it predicts
+    ``None`` (the tracker then counts its default)."""
+
+    def __init__(self, bins: int = 16, refit_every: int = 256, window: int = 8192, min_samples: int = 64) -> None:
+        if bins < 1 or refit_every < 1 or window < min_samples or min_samples < 1:
+            raise ValueError("need bins >= 1, refit_every >= 1 and window >= min_samples >= 1")
+        self.bins = bins
+        self.refit_every = refit_every
+        self.min_samples = min_samples
+        self._scores = np.zeros(window)
+        self._lengths = np.zeros(window)
+        self._count = 0
+        self._edges: np.ndarray | None = None
+        self._means: np.ndarray | None = None
+
+    def observe(self, score: float, output_tokens: int) -> None:
+        slot = self._count % len(self._scores)
+        self._scores[slot] = score
+        self._lengths[slot] = output_tokens
+        self._count += 1
+        if self._count >= self.min_samples and (self._edges is None or self._count % self.refit_every == 0):
+            self._fit()
+
+    def predict(self, score: float) -> float | None:
+        if self._edges is None:
+            return None
+        return float(self._means[np.searchsorted(self._edges, score)])
+
+    def _fit(self) -> None:
+        n = min(self._count, len(self._scores))
+        scores, lengths = self._scores[:n], self._lengths[:n]
+        edges = np.unique(np.quantile(scores, np.linspace(0, 1, self.bins + 1)[1:-1]))
+        which = np.searchsorted(edges, scores)
+        sums = np.bincount(which, lengths, minlength=len(edges) + 1)
+        counts = np.bincount(which, minlength=len(edges) + 1)
+        overall = lengths.mean()
+        self._means = np.where(counts > 0, sums / np.maximum(counts, 1), overall)
+        self._edges = edges
