@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from dataclasses import replace
 
 import numpy as np
 import pytest
 from test_cli import REQUIRED
+from test_cli import test_bad_flags_get_one_line_naming_the_flag as check_one_line_flag_error
 
 from rankserve.bench.experiment import SimSpec, run_spec
 from rankserve.bench.workloads import arrival_times, sample_workload
@@ -136,9 +135,4 @@ def test_sweep_runs_every_router(tmp_path):
     (["sweep", "--replicas", "2", "--routers", "fastest"], "--routers"),
 ])
 def test_bad_cluster_flags_get_one_line_naming_the_flag(argv, flag):
-    proc = subprocess.run([sys.executable, "-m", "rankserve.cli.main", *argv], capture_output=True, text=True,
-                          timeout=60)
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert flag in lines[0] and "Traceback" not in proc.stderr
+    check_one_line_flag_error(argv, flag)

@@ -264,3 +264,13 @@ def test_score_lengths_learns_the_mean_length_of_a_score_bin():
         lengths.observe(-1.0 - 0.01 * i if short else 1.0 + 0.01 * i, 10 if short else 500)
     assert lengths.predict(-5.0) == pytest.approx(10)
     assert lengths.predict(5.0) == pytest.approx(500)
+
+
+def test_the_tracker_remembers_when_it_last_heard_from_the_replica():
+    load = ReplicaLoad()
+    assert load.last_event_time is None
+    load.on_send("a", 3, None, None, 1.0)
+    load.on_tokens("a", 2, 2.5)
+    assert load.last_event_time == 2.5
+    load.on_finish("a", 4.0)
+    assert load.last_event_time == 4.0

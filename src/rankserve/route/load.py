@@ -11,6 +11,7 @@ passed in) and knows nothing of HTTP. Interface::
     load.on_finish(request_id, now)         # finished, aborted or failed; unknown ids are ignored
     load.set_kv(used_tokens, capacity_tokens)   # when the backend reports its KV cache
     load.healthy = False                    # health checks set it; routers skip unhealthy replicas
+    load.last_event_time                    # ``now`` of the latest event (None before any)
 
     load.num_in_flight       requests sent and not finished
     load.outstanding_work    predicted work left, in decode-token equivalents (see below), >= 0
@@ -58,9 +59,9 @@ def remaining_output(predicted: float, generated: int, max_tokens: int | None, o
 
 
 class _InFlight:
-    __slots__ = ("prompt", "predicted", "max_tokens", "prefilled", "generated", "work", "demand", "sent_at")
+    __slots__ = ("prompt", "predicted", "max_tokens", "prefilled", "generated", "work", "demand")
 
-    def __init__(self, prompt: int, predicted: float, max_tokens: int | None, sent_at: float) -> None:
+    def __init__(self, prompt: int, predicted: float, max_tokens: int | None) -> None:
         self.prompt = prompt
         self.predicted = predicted
         self.max_tokens = max_tokens
@@ -68,7 +69,6 @@ class _InFlight:
         self.generated = 0
         self.work = 0.0
         self.demand = 0.0
-        self.sent_at = sent_at
 
 
 @dataclass
@@ -111,6 +111,7 @@ class ReplicaLoad:
         self.default_output_tokens = default_output_tokens
         self.kv_capacity_tokens = kv_capacity_tokens
         self.healthy = True
+        self.last_event_time: float | None = None  # of the latest event: a live router can spot a silent backend
         self.num_sent = 0
         self.num_finished = 0
         self._requests: dict[str, _InFlight] = {}
@@ -128,8 +129,9 @@ class ReplicaLoad:
         if prompt_tokens < 1:
             raise ValueError(f"prompt_tokens must be >= 1, got {prompt_tokens}")
         predicted = self.default_output_tokens if predicted_output_tokens is None else float(predicted_output_tokens)
-        entry = _InFlight(prompt_tokens, predicted, max_tokens, now)
+        entry = _InFlight(prompt_tokens, predicted, max_tokens)
         self._requests[request_id] = entry
+        self.last_event_time = now
         self.num_sent += 1
         self._reprice(entry)
 
@@ -137,6 +139,7 @@ class ReplicaLoad:
         entry = self._requests.get(request_id)
         if entry is None or entry.prefilled:
             return
+        self.last_event_time = now
         entry.prefilled = True
         self._held_estimate += entry.prompt
         self._reprice(entry)
@@ -146,6 +149,7 @@ class ReplicaLoad:
         entry = self._requests.get(request_id)
         if entry is None or n <= 0:
             return
+        self.last_event_time = now
         if not entry.prefilled:
             entry.prefilled = True
             self._held_estimate += entry.prompt
@@ -158,6 +162,7 @@ class ReplicaLoad:
         entry = self._requests.pop(request_id, None)
         if entry is None:
             return
+        self.last_event_time = now
         self.num_finished += 1
         self._work -= entry.work
         self._demand -= entry.demand
