@@ -128,7 +128,8 @@ class LeastKV(Router):
 
 
 class SAL(Router):
-    """Least predicted outstanding work, memory-aware (see the module docstring and docs/ROUTING.md)."""
+    """Least predicted outstanding work, memory-aware (see the module docstring; docs/RESULTS.md section 5
+    says how it reads Kossmann et al. and what is ours)."""
 
     name = "sal"
     needs_prediction = True
