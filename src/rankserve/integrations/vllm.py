@@ -255,6 +255,7 @@ class _RankMixin:
         if twin is None:
             twin = Request(request.prompt_token_ids or [0], arrival_time=request.arrival_time,
                            request_id=request.request_id, record_token_times=False)
+            twin.last_run_step = self.step  # idle from now on, for starvation prevention
             # The same list object vLLM appends to: SRPT's remaining length counts down by itself.
             twin.output_token_ids = request._output_token_ids
             self._twins[request.request_id] = twin
