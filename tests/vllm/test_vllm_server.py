@@ -49,8 +49,7 @@ def start_vllm(tmp_path_factory, name: str, rank_env: dict[str, str]):
     cmd = vllm_server_command(sys.executable, port, load_model_dir(None).path, max_num_seqs=2,
                               max_num_batched_tokens=256, max_model_len=1024, rank_scheduler=True)
     # One OpenMP thread: spinning threads crawl when other jobs share the cores (CI, a busy machine).
-    env = vllm_server_env({**rank_env, "RANKSERVE_STATS_FILE": str(out / "stats.json"), "OMP_NUM_THREADS": "1"},
-                          kv_cache_gib=1)
+    env = vllm_server_env({**rank_env, "RANKSERVE_STATS_FILE": str(out / "stats.json")}, kv_cache_gib=1, threads=1)
     return out, running_server(cmd, port, out / "vllm.log", env)
 
 

@@ -37,11 +37,13 @@ def vllm_server_command(python: str, port: int, model_dir: str | Path, max_num_s
     return cmd + list(extra)
 
 
-def vllm_server_env(rank_env: dict[str, str] | None = None, kv_cache_gib: int = 2) -> dict[str, str]:
+def vllm_server_env(rank_env: dict[str, str] | None = None, kv_cache_gib: int = 2,
+                    threads: int | None = None) -> dict[str, str]:
     """The settings measured fastest on these CPUs (engine core in the server's process, one
-    OpenMP thread per core), plus RANKSERVE_* settings for the scheduler class."""
+    OpenMP thread per core unless ``threads``; on a machine shared with other jobs one thread
+    is far steadier, spinning OpenMP threads crawl there), plus RANKSERVE_* settings."""
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE=str(kv_cache_gib),
-               OMP_NUM_THREADS=str(os.cpu_count() or 2))
+               OMP_NUM_THREADS=str(threads or os.cpu_count() or 2))
     env.pop("PYTHONPATH", None)  # vLLM's venv has rankserve installed (editable): no mixing of venvs
     env.update(rank_env or {})
     return env
