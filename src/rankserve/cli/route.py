@@ -60,6 +60,8 @@ def _add_proxy_options(p: argparse.ArgumentParser, checked: dict, default_mode: 
     p.add_argument("--predictor", choices=PREDICTOR_CHOICES + ("auto",), default="auto",
                    help="length predictor run on each prompt; auto: classifier when the router reads lengths "
                         "(sal), else ranker when --mode needs a score, else none")
+    p.add_argument("--predictor-weights", default=None,
+                   help="the predictor's weights file (default: the shipped served-model weights)")
     p.add_argument("--tokenizer", default="smollm2-135m-instruct",
                    help="counts prompt tokens for the load trackers: a model name, a local tokenizer "
                         "directory, or 'approx' (4 characters per token)")
@@ -127,7 +129,7 @@ def cmd_proxy(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     except (OSError, ValueError) as exc:
         parser.error(f"argument --tokenizer: {exc}")
     try:
-        predictor = make_predictor(predictor_name) if predictor_name else None
+        predictor = make_predictor(predictor_name, weights=args.predictor_weights) if predictor_name else None
     except (OSError, ValueError) as exc:
         parser.error(f"argument --predictor: {exc}")
     proxy = RoutingProxy(config, PromptScorer(predictor, counter))
