@@ -146,23 +146,43 @@ def test_async_scheduling_gets_the_async_variant(make_scheduler, make_request, d
     assert not isinstance(make_scheduler(max_num_seqs=1), RankAsyncScheduler)
 
 
-def test_the_ranker_scores_prompt_text_in_process(make_scheduler, make_request, driver, model_dir):
+@pytest.fixture(scope="module")
+def chat(model_dir):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
+    return lambda text: tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                tokenize=True, return_dict=False)
 
-    def chat(text: str) -> list[int]:
-        return tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True,
-                                       return_dict=False)
 
-    s = make_scheduler(max_num_seqs=1, additional={"rankserve_predictor": "ranker"})
-    long_ask = "Write a detailed 3000-word essay on the history of the Roman Empire, with sections and references."
-    s.add_request(make_request("essay", prompt=chat(long_ask), max_tokens=2))
+LONG_ASK = "Write a detailed 3000-word essay on the history of the Roman Empire, with sections and references."
+
+
+@pytest.mark.parametrize("thread", ["1", "0"])
+def test_the_ranker_scores_prompt_text_in_process(make_scheduler, make_request, driver, chat, thread):
+    s = make_scheduler(max_num_seqs=1, additional={"rankserve_predictor": "ranker", "rankserve_scoring_thread": thread})
+    assert (s._scorer is not None) == (thread == "1")
+    s.add_request(make_request("essay", prompt=chat(LONG_ASK), max_tokens=2))
     s.add_request(make_request("yes", prompt=chat("Answer yes or no: is 7 a prime number?"), max_tokens=2))
     d = driver(s)
     d.run()
     assert s.stats.scored == 2 and s.stats.score_failures == 0 and s.stats.score_seconds > 0
     assert d.first_run() == ["yes", "essay"]
+    s.shutdown()
+
+
+def test_a_request_aborted_while_the_thread_scores_it_is_dropped_cleanly(make_scheduler, make_request, driver, chat):
+    from vllm.v1.request import RequestStatus
+
+    s = make_scheduler(max_num_seqs=1, additional={"rankserve_predictor": "ranker"})
+    s.add_request(make_request("run", xargs={"rankserve_score": 0}, max_tokens=3))
+    s.add_request(make_request("gone", prompt=chat(LONG_ASK), max_tokens=2))
+    d = driver(s)
+    d.step()  # "run" runs; "gone" is on the scoring thread
+    s.finish_requests("gone", RequestStatus.FINISHED_ABORTED)
+    d.run()
+    assert d.first_run() == ["run"] and s.requests == {} and s._twins == {} and len(s.waiting) == 0
+    s.shutdown()
 
 
 def test_user_text_reads_chatml_user_turns():

@@ -8,8 +8,10 @@ preemption, exactly as in rankserve's own engine. vLLM keeps everything else: to
 chunked prefill, KV blocks and prefix caching, abort, async scheduling, its metrics.
 
 Each step, before vLLM's own ``schedule()``:
-1. new requests are scored in one batch (the score in ``vllm_xargs`` if a front end sent one,
-   else the shipped ranker on the prompt text, decoded from the prompt's token ids);
+1. arrivals are scored: the score in ``vllm_xargs`` if a front end sent one, else the shipped
+   ranker on the prompt text (decoded from the prompt's token ids), in one batch per step, on a
+   scoring thread while the model step runs (the step waits for it only when it has nothing else
+   to run; RANKSERVE_SCORING_THREAD=0 scores inside the step instead);
 2. the policy may boost starving requests (``ltr``);
 3. while ``max_num_seqs`` binds, running requests that the best waiting ones outrank are preempted
    through vLLM's ``_preempt_request`` (their KV blocks go back to the pool; with prefix caching on,
@@ -28,7 +30,8 @@ default the shipped served-model weights). Per request, in ``vllm_xargs``: ``ran
 (lower runs first) and/or ``rankserve_predicted_len`` (predicted output tokens; also the score
 when no score is sent).
 
-Counters (``RankStats``: requests scored, scores failed, seconds spent scoring, rank preemptions)
+Counters (``RankStats``: requests scored, scores failed, seconds spent scoring, seconds the step
+loop spent on scoring or waiting for it, rank preemptions)
 live on the scheduler's ``stats``; vLLM's API server runs the scheduler in its engine-core process,
 so with RANKSERVE_STATS_FILE set they are also written there as JSON (every 2 s while requests
 run, and at shutdown). Each score failure is logged with the running count. Rank preemptions go
@@ -42,7 +45,9 @@ import json
 import logging
 import math
 import os
+import queue
 import re
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
@@ -82,7 +87,8 @@ _CHATML_USER = re.compile(r"<\|im_start\|>user\n(.*?)<\|im_end\|>", re.DOTALL)
 class RankStats:
     scored: int = 0
     score_failures: int = 0
-    score_seconds: float = 0.0
+    score_seconds: float = 0.0  # spent scoring (on the scoring thread when there is one)
+    score_wait_seconds: float = 0.0  # the step loop's share: scoring in the step, or waiting for the thread
     rank_preemptions: int = 0
 
 
@@ -136,12 +142,17 @@ class RankQueue(RequestQueue):
         twin.queue_version += 1
         heapq.heappush(self._heap, (self._owner.policy.key(twin), twin.queue_version, request))
 
-    def place_scored(self) -> None:
-        """Move this step's newly scored (or failed) requests into their lanes."""
+    def take_unscored(self) -> list[VllmRequest]:
+        """Hand the unscored requests to the scorer; they stay members (counted, abortable)."""
         pending, self.unscored = self.unscored, []
-        for request in pending:
-            self._members.discard(request.request_id)
-            self.add_request(request)
+        return pending
+
+    def place_scored(self, requests: list[VllmRequest]) -> None:
+        """Put scored (or failed) requests into their lanes, unless aborted meanwhile."""
+        for request in requests:
+            if request.request_id in self._members:
+                self._members.discard(request.request_id)
+                self.add_request(request)
 
     def best_ranked(self, n: int) -> list[VllmRequest]:
         """The ``n`` best requests of the ranked lane, best first (for rank preemption)."""
@@ -210,6 +221,46 @@ class RankQueue(RequestQueue):
         return iter(self.unscored + fifo + ranked)
 
 
+class _ScoringThread:
+    """Runs the predictor on its own thread: torch releases the GIL, so a batch of arrivals is
+    scored on a spare core while vLLM's model step runs."""
+
+    def __init__(self, score) -> None:
+        self._score = score
+        self._jobs: queue.Queue = queue.Queue()
+        self._done: queue.Queue = queue.Queue()
+        self.in_flight = 0  # requests submitted and not yet collected
+        self._thread = threading.Thread(target=self._run, name="rankserve-scoring", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            target, requests = job
+            self._score(requests)
+            self._done.put((target, requests))
+
+    def submit(self, target: RankQueue, requests: list[VllmRequest]) -> None:
+        self.in_flight += len(requests)
+        self._jobs.put((target, requests))
+
+    def results(self, wait: bool) -> list[tuple[RankQueue, list[VllmRequest]]]:
+        """Scored batches so far; with ``wait``, block for the next one if none is ready."""
+        out = []
+        if wait and self.in_flight and self._done.empty():
+            try:
+                out.append(self._done.get(timeout=30))
+            except queue.Empty:
+                pass
+        while not self._done.empty():
+            out.append(self._done.get_nowait())
+        self.in_flight -= sum(len(requests) for _, requests in out)
+        return out
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+        self._thread.join(10)
+
+
 class _RankMixin:
     """What RankScheduler adds to vLLM's scheduler; mixed into its async and sync schedulers."""
 
@@ -224,6 +275,7 @@ class _RankMixin:
         if self.policy.needs_prediction:
             self.predictor = self._load_predictor(additional)
         self.stats = RankStats()
+        self._stats_lock = threading.Lock()
         self.step = 0
         stats_file = _setting(additional, "RANKSERVE_STATS_FILE", None)
         self._stats_file = Path(stats_file) if stats_file else None
@@ -232,6 +284,8 @@ class _RankMixin:
         self._twins: dict[str, Request] = {}
         self.waiting = RankQueue(self)
         self.kv_holding_waiting = RankQueue(self)
+        thread = _setting(additional, "RANKSERVE_SCORING_THREAD", "1") not in ("0", "false", "False")
+        self._scorer = _ScoringThread(self._score_batch) if self.predictor is not None and thread else None
         logger.info("rankserve scheduler: policy %s, predictor %s", self.policy.describe(),
                     "none (scores from vllm_xargs only)" if self.predictor is None else self.predictor.name)
 
@@ -270,9 +324,14 @@ class _RankMixin:
     def failed(twin: Request) -> bool:
         return twin.abort_reason is not None  # reused as "why this request has no score"
 
+    def _count(self, **increments: float) -> None:
+        with self._stats_lock:  # the scoring thread counts too
+            for name, value in increments.items():
+                setattr(self.stats, name, getattr(self.stats, name) + value)
+
     def _fail(self, twin: Request, why: str) -> None:
         twin.abort_reason = why
-        self.stats.score_failures += 1
+        self._count(score_failures=1)
         logger.warning("rankserve: request %s has no valid score (%s); it runs in FCFS position (%d so far)",
                        twin.request_id, why, self.stats.score_failures)
 
@@ -289,13 +348,12 @@ class _RankMixin:
             self._fail(twin, f"policy {self.policy.name} needs {LENGTH_KEY}")
         else:
             twin.set_prediction(score if score is not None else length, length)
-            self.stats.scored += 1
+            self._count(scored=1)
 
-    def _score_new(self, queue: RankQueue) -> None:
-        """Score this step's arrivals in one batch with the predictor."""
-        pending = [self.twin(r) for r in queue.unscored]
-        if not pending:
-            return
+    def _score_batch(self, requests: list[VllmRequest]) -> None:
+        """Score arrivals in one batch with the predictor; a failure leaves them in FCFS position."""
+        # Twins of requests aborted since they were handed over are gone: nothing to score.
+        pending = [t for t in (self._twins.get(r.request_id) for r in requests) if t is not None]
         started = time.perf_counter()
         try:
             texts = self._tokenizer.batch_decode([t.prompt_token_ids for t in pending])
@@ -312,16 +370,34 @@ class _RankMixin:
                 twin.score = None
                 self._fail(twin, "the predictor gave a non-finite score")
             elif twin.score is not None:
-                self.stats.scored += 1
+                self._count(scored=1)
             twin.prompt_text = None
-        elapsed = time.perf_counter() - started
-        self.stats.score_seconds += elapsed
-        queue.place_scored()
+        self._count(score_seconds=time.perf_counter() - started)
+
+    def _score_arrivals(self) -> None:
+        """Score new arrivals: in the step, or handed to the scoring thread while the step runs.
+        With the thread, the step waits for it only when it has nothing else to run."""
+        started = time.perf_counter()
+        queues = (self.waiting, self.kv_holding_waiting)
+        if self._scorer is None:
+            for q in queues:
+                pending = q.take_unscored()
+                if pending:
+                    self._score_batch(pending)
+                    q.place_scored(pending)
+        else:
+            for q in queues:
+                pending = q.take_unscored()
+                if pending:
+                    self._scorer.submit(q, pending)
+            idle = not self.running and len(self.waiting) + len(self.kv_holding_waiting) <= self._scorer.in_flight
+            for q, done in self._scorer.results(wait=idle):
+                q.place_scored(done)
+        self._count(score_wait_seconds=time.perf_counter() - started)
 
     # ---- one step --------------------------------------------------------------------------
     def schedule(self, *args, **kwargs) -> SchedulerOutput:
-        for queue in (self.waiting, self.kv_holding_waiting):
-            self._score_new(queue)
+        self._score_arrivals()
         for twin in self.policy.begin_step(self.step, float(self.step)):
             request = self.requests.get(twin.request_id)
             if request is not None and twin.status.is_queued:
@@ -359,6 +435,8 @@ class _RankMixin:
         self._stats_written = time.monotonic()
 
     def shutdown(self) -> None:
+        if self._scorer is not None:
+            self._scorer.stop()
         if self._stats_file is not None:
             self._write_stats()
         super().shutdown()
@@ -385,7 +463,7 @@ class _RankMixin:
             self._preempt_request(request, now)
             # Like reset_prefix_cache: if it resumes this very step, the runner must get it in full.
             self.prev_step_scheduled_req_ids.discard(request.request_id)
-            self.stats.rank_preemptions += 1
+            self._count(rank_preemptions=1)
 
     def _free_request(self, request: VllmRequest, *args, **kwargs):
         twin = self._twins.pop(request.request_id, None)
