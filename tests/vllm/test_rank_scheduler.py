@@ -185,6 +185,13 @@ def test_a_request_aborted_while_the_thread_scores_it_is_dropped_cleanly(make_sc
     s.shutdown()
 
 
+@pytest.mark.parametrize("bad", [{"rankserve_policy": "lifo"}, {"rankserve_policy_args": "{not json"},
+                                 {"rankserve_policy_args": {"no_such_knob": 1}}, {"rankserve_predictor": "psychic"}])
+def test_bad_settings_fail_at_startup_with_a_clear_error(make_scheduler, bad):
+    with pytest.raises(ValueError, match="lifo|JSON|no_such_knob|psychic"):
+        make_scheduler(additional=bad)
+
+
 def test_user_text_reads_chatml_user_turns():
     prompt = ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n"
               "<|im_start|>assistant\nHello<|im_end|>\n<|im_start|>user\nTell me more\nplease<|im_end|>\n")

