@@ -171,6 +171,17 @@ def test_the_ranker_scores_prompt_text_in_process(make_scheduler, make_request, 
     s.shutdown()
 
 
+def test_requests_on_the_scoring_thread_wait_without_blocking_the_others(make_scheduler, make_request, driver, chat):
+    s = make_scheduler(max_num_seqs=2, additional={"rankserve_predictor": "ranker"})
+    s.add_request(make_request("scored", xargs={"rankserve_score": 0}, max_tokens=3))
+    s.add_request(make_request("thread", prompt=chat(LONG_ASK), max_tokens=2))
+    d = driver(s)
+    d.run()  # vLLM peeks the waiting queue while "thread" is still being scored: nothing to peek yet
+    assert d.steps[0].keys() == {"scored"} and sorted(d.finished) == ["scored", "thread"]
+    assert s.stats.scored == 2
+    s.shutdown()
+
+
 def test_a_request_aborted_while_the_thread_scores_it_is_dropped_cleanly(make_scheduler, make_request, driver, chat):
     from vllm.v1.request import RequestStatus
 

@@ -210,9 +210,11 @@ class RankQueue(RequestQueue):
         self.unscored = [r for r in self.unscored if r.request_id not in gone]
 
     def __bool__(self) -> bool:
-        return bool(self._members)
+        """Whether a request can be peeked now (vLLM peeks when this is true)."""
+        return bool(self._head_lane())
 
     def __len__(self) -> int:
+        """Every waiting request, including those still being scored (vLLM counts them as unfinished)."""
         return len(self._members)
 
     def __iter__(self) -> Iterator[VllmRequest]:
