@@ -22,7 +22,8 @@ leaves little to order), so every system does the same work, and every ranker (t
 gateway's, rankserve's) uses the same shipped weights trained on those lengths. Writes one JSON per system (`rankserve bench`'s records; the class's scoring
 counters in each record's "rank_stats"), report.md (bench-report) and targets.md. The engine
 time of a run is its duration (first send to last finish: the server is busy throughout at these
-loads). --reuse rebuilds the tables from the JSONs of an earlier run.
+loads). The ranker keeps its predictions of prompts it has seen, so on one server only the first
+workload pays for scoring the trace. --reuse rebuilds the tables from the JSONs of an earlier run.
 """
 
 from __future__ import annotations
@@ -148,8 +149,8 @@ def targets_table(records: list[dict]) -> str:
     rates = sorted({r["spec"]["rate"] for r in records}, key=lambda x: -1 if x is None else x)
     lines = ["| workload | x vs vLLM FCFS (>= 2) | x of oracle (<= 1.3) | throughput vs FCFS (>= 0.95) "
              "| p99 max wait s class / FCFS | priority+gateway x vs FCFS | step loop on scoring / engine time (<= 3%) "
-             "| scoring CPU / engine time |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| scoring thread wall / engine time | its CPU / engine time |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for rate in rates:
         cls, fcfs = by.get(("vllm-ltr+ranker", rate)), by.get(("vllm-fcfs", rate))
         if cls is None or fcfs is None:
@@ -164,7 +165,8 @@ def targets_table(records: list[dict]) -> str:
                  f"{c['p99_max_wait_s']:.1f} / {f['p99_max_wait_s']:.1f}",
                  f"{f['mean_latency_per_token_s'] / prio['summary']['mean_latency_per_token_s']:.2f}" if prio else "",
                  _share(stats.get("score_wait_seconds"), c["duration_s"]),
-                 _share(stats.get("score_seconds"), c["duration_s"])]
+                 _share(stats.get("score_seconds"), c["duration_s"]),
+                 _share(stats.get("score_cpu_seconds"), c["duration_s"])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

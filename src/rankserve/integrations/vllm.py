@@ -88,7 +88,8 @@ _CHATML_USER = re.compile(r"<\|im_start\|>user\n(.*?)<\|im_end\|>", re.DOTALL)
 class RankStats:
     scored: int = 0
     score_failures: int = 0
-    score_seconds: float = 0.0  # spent scoring (on the scoring thread when there is one)
+    score_seconds: float = 0.0  # wall time spent scoring (on the scoring thread when there is one)
+    score_cpu_seconds: float = 0.0  # CPU time of that (the scoring thread's own, torch runs in it)
     score_wait_seconds: float = 0.0  # the step loop's share: scoring in the step, or waiting for the thread
     rank_preemptions: int = 0
 
@@ -358,7 +359,7 @@ class _RankMixin:
         """Score arrivals in one batch with the predictor; a failure leaves them in FCFS position."""
         # Twins of requests aborted since they were handed over are gone: nothing to score.
         pending = [t for t in (self._twins.get(r.request_id) for r in requests) if t is not None]
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.thread_time()
         try:
             texts = self._tokenizer.batch_decode([t.prompt_token_ids for t in pending])
             for twin, text in zip(pending, texts):
@@ -376,7 +377,7 @@ class _RankMixin:
             elif twin.score is not None:
                 self._count(scored=1)
             twin.prompt_text = None
-        self._count(score_seconds=time.perf_counter() - started)
+        self._count(score_seconds=time.perf_counter() - started, score_cpu_seconds=time.thread_time() - cpu_started)
 
     def _score_arrivals(self) -> None:
         """Score new arrivals: in the step, or handed to the scoring thread while the step runs.
