@@ -74,6 +74,7 @@ def test_read_prompt_and_mark_score():
         read_prompt(False, {"prompt": ""})
     body = {"prompt": "x", "vllm_xargs": {"other": 1}}
     assert mark_score(body, "xargs", -0.25)["vllm_xargs"] == {"other": 1, "rankserve_score": -0.25}
+    assert mark_score(body, "xargs", 9.0, 120.0)["vllm_xargs"]["rankserve_predicted_len"] == 120.0
     assert mark_score(body, "priority", -0.6514)["priority"] == score_to_priority(-0.6514) == -651
     assert mark_score({**body, "priority": 7}, "priority", -0.6)["priority"] == 7  # the client's wins
     assert mark_score(body, "xargs", None) is body and mark_score(body, "none", 1.0) is body
@@ -108,7 +109,8 @@ def test_stream_passes_through_byte_for_byte_with_the_score_in_xargs():
             got = b"".join(r.iter_raw())
         assert got.decode() == "".join(app.state.log["sent"]["s1"])
         forwarded = app.state.log["received"][0]
-        assert forwarded["vllm_xargs"] == {"rankserve_score": len("say something") / 1000}
+        n = len("say something")
+        assert forwarded["vllm_xargs"] == {"rankserve_score": n / 1000, "rankserve_predicted_len": n}
         assert forwarded["extra_field"] == [1, 2] and "priority" not in forwarded
         assert wait_until(lambda: proxy.backends[0].load.num_in_flight == 0)
         assert proxy.backends[0].load.num_finished == 1

@@ -60,6 +60,11 @@ def _add_proxy_options(p: argparse.ArgumentParser, checked: dict, default_mode: 
     p.add_argument("--predictor", choices=PREDICTOR_CHOICES + ("auto",), default="auto",
                    help="length predictor run on each prompt; auto: classifier when the router reads lengths "
                         "(sal), else ranker when --mode needs a score, else none")
+    p.add_argument("--predictor-weights", default=None,
+                   help="trained weights (.safetensors) for --predictor; default: the shipped ones")
+    p.add_argument("--ignore-max-tokens", action="store_true",
+                   help="do not bound predicted lengths by the request's max_tokens (for replayed traces, "
+                        "where max_tokens is the true length and would tell the router everything)")
     p.add_argument("--tokenizer", default="smollm2-135m-instruct",
                    help="counts prompt tokens for the load trackers: a model name, a local tokenizer "
                         "directory, or 'approx' (4 characters per token)")
@@ -120,16 +125,17 @@ def cmd_proxy(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     config = RouterConfig(backends, router=args.router, mode=args.mode, xargs_key=args.xargs_key,
                           priority_scale=args.priority_scale, health_interval_s=args.health_interval,
                           max_retries=args.max_retries, kv_capacity_tokens=args.kv_capacity_tokens,
-                          prefill_weight=args.prefill_weight, seed=args.seed)
+                          prefill_weight=args.prefill_weight, bound_by_max_tokens=not args.ignore_max_tokens,
+                          seed=args.seed)
     predictor_name = choose_predictor(args.predictor, args.router, args.mode)
     try:
         counter = token_counter(args.tokenizer)
     except (OSError, ValueError) as exc:
         parser.error(f"argument --tokenizer: {exc}")
     try:
-        predictor = make_predictor(predictor_name) if predictor_name else None
+        predictor = make_predictor(predictor_name, weights=args.predictor_weights) if predictor_name else None
     except (OSError, ValueError) as exc:
-        parser.error(f"argument --predictor: {exc}")
+        parser.error(f"argument {'--predictor-weights' if args.predictor_weights else '--predictor'}: {exc}")
     proxy = RoutingProxy(config, PromptScorer(predictor, counter))
     print(f"{args.command}: {len(backends)} backend(s) {', '.join(backends)}; router {args.router}; "
           f"score mode {args.mode}; predictor {predictor_name or 'none'}; on http://{args.host}:{args.port}/v1",

@@ -54,6 +54,7 @@ class RouterConfig:
     max_retries: int = 3
     kv_capacity_tokens: int | None = None  # for backends that do not report their KV capacity
     prefill_weight: float = 0.5  # a prompt token's cost in decode tokens, for sal
+    bound_by_max_tokens: bool = True  # False: the trackers do not see max_tokens (replayed traces)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -170,8 +171,10 @@ class RoutingProxy:
             return openai_error(400, str(exc), param="messages" if chat else "prompt")
         scored = await self.scorer.score(prompt)
         cfg = self.config
-        payload = json.dumps(mark_score(body, cfg.mode, scored.score, cfg.xargs_key, cfg.priority_scale)).encode()
-        info = RouteRequest(scored.prompt_tokens, scored.predicted_len, max_tokens_of(chat, body))
+        payload = json.dumps(mark_score(body, cfg.mode, scored.score, scored.predicted_len, cfg.xargs_key,
+                                        cfg.priority_scale)).encode()
+        info = RouteRequest(scored.prompt_tokens, scored.predicted_len,
+                            max_tokens_of(chat, body) if cfg.bound_by_max_tokens else None)
         headers = {"content-type": "application/json", "accept-encoding": "identity"}
         if "authorization" in http.headers:
             headers["authorization"] = http.headers["authorization"]
