@@ -15,7 +15,7 @@ from helpers import wait_until
 from test_route_failover import fake_process
 
 from rankserve.cli.main import main
-from rankserve.cli.route import choose_predictor
+from rankserve.route.scoring import choose_predictor
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 

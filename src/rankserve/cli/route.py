@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import os
-from collections.abc import Sequence
-from pathlib import Path
 
 from rankserve.route.backends import normalize_url
 from rankserve.route.body import DEFAULT_PRIORITY_SCALE, DEFAULT_XARGS_KEY, SCORE_MODES
-from rankserve.route.policies import ROUTER_NAMES, ROUTERS
-from rankserve.route.scoring import TokenCounter, approximate_tokens
+from rankserve.route.policies import ROUTER_NAMES
+from rankserve.route.scoring import choose_predictor
 
 PREDICTOR_CHOICES = ("ranker", "classifier", "regressor", "none")
 
@@ -81,41 +78,13 @@ def _add_proxy_options(p: argparse.ArgumentParser, checked: dict, default_mode: 
     p.add_argument("--seed", type=int, default=0)
 
 
-def choose_predictor(name: str, router: str, mode: str) -> str | None:
-    """The predictor ``--predictor auto`` stands for (None: no scoring)."""
-    if name != "auto":
-        return None if name == "none" else name
-    if ROUTERS[router].needs_prediction:
-        return "classifier"
-    return "ranker" if mode != "none" else None
-
-
-def token_counter(spec: str) -> TokenCounter:
-    """Prompt-token counts from the served model's tokenizer (offline), or the 4-characters rule."""
-    if spec == "approx":
-        return approximate_tokens
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    if Path(spec).expanduser().is_dir():
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(Path(spec).expanduser())
-    else:
-        from rankserve.model.loader import load_model_dir, load_tokenizer
-
-        tokenizer = load_tokenizer(load_model_dir(spec))
-
-    def count(texts: Sequence[str]) -> list[int]:
-        return [len(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
-
-    return count
-
-
 def cmd_proxy(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import uvicorn
 
     from rankserve.predict import make_predictor
     from rankserve.route.proxy import RouterConfig, RoutingProxy, build_proxy_app
     from rankserve.route.scoring import PromptScorer
+    from rankserve.server.prompt_tokens import token_counter
 
     backends = args.backend if isinstance(args.backend, list) else [args.backend]
     if len(set(backends)) < len(backends):

@@ -79,6 +79,37 @@ def openai_error(status: int, message: str, type_: str = "invalid_request_error"
     return JSONResponse(body, status_code=status)
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """A request ready to forward: the body with the score written in, and what routing reads."""
+
+    payload: bytes
+    route: RouteRequest
+    stream: bool
+
+
+async def prepare_request(raw: bytes, chat: bool, scorer: PromptScorer, mode: str,
+                          xargs_key: str = DEFAULT_XARGS_KEY, priority_scale: float = DEFAULT_PRIORITY_SCALE,
+                          bound_by_max_tokens: bool = True) -> Prepared | JSONResponse:
+    """Parse and score a completion (``chat`` False) or chat request body; a 400 answer if it is
+    not one."""
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        return openai_error(400, "the request body is not valid JSON")
+    if not isinstance(body, dict):
+        return openai_error(400, "the request body must be a JSON object")
+    try:
+        prompt = read_prompt(chat, body)
+    except ValueError as exc:
+        return openai_error(400, str(exc), param="messages" if chat else "prompt")
+    scored = await scorer.score(prompt)
+    payload = json.dumps(mark_score(body, mode, scored.score, scored.predicted_len, xargs_key, priority_scale))
+    route = RouteRequest(scored.prompt_tokens, scored.predicted_len,
+                         max_tokens_of(chat, body) if bound_by_max_tokens else None)
+    return Prepared(payload.encode(), route, body.get("stream") is True)
+
+
 async def _until_disconnect(receive: Callable[[], Awaitable[dict]], work: Awaitable[Response]) -> Response:
     """``work``'s result, or ClientGone (``work`` cancelled) if the client disconnects first."""
 
@@ -159,26 +190,15 @@ class RoutingProxy:
             return None
 
     async def forward(self, http: HTTPRequest, path: str, chat: bool) -> Response:
-        try:
-            body = json.loads(await http.body())
-        except ValueError:
-            return openai_error(400, "the request body is not valid JSON")
-        if not isinstance(body, dict):
-            return openai_error(400, "the request body must be a JSON object")
-        try:
-            prompt = read_prompt(chat, body)
-        except ValueError as exc:
-            return openai_error(400, str(exc), param="messages" if chat else "prompt")
-        scored = await self.scorer.score(prompt)
         cfg = self.config
-        payload = json.dumps(mark_score(body, cfg.mode, scored.score, scored.predicted_len, cfg.xargs_key,
-                                        cfg.priority_scale)).encode()
-        info = RouteRequest(scored.prompt_tokens, scored.predicted_len,
-                            max_tokens_of(chat, body) if cfg.bound_by_max_tokens else None)
+        prepared = await prepare_request(await http.body(), chat, self.scorer, cfg.mode, cfg.xargs_key,
+                                         cfg.priority_scale, cfg.bound_by_max_tokens)
+        if isinstance(prepared, Response):
+            return prepared
+        payload, info, stream = prepared.payload, prepared.route, prepared.stream
         headers = {"content-type": "application/json", "accept-encoding": "identity"}
         if "authorization" in http.headers:
             headers["authorization"] = http.headers["authorization"]
-        stream = body.get("stream") is True
         failed: list[Backend] = []
         while True:
             backend = self.pick(info, failed)
