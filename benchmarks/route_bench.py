@@ -1,16 +1,17 @@
 """Routers compared live: K `rankserve serve` replicas (each on its own threads) behind
 `rankserve route --router R`, one replayed trace per dataset and rate, the same for every router.
 
-    python benchmarks/route_bench.py [--routers round-robin least-requests pow2 sal] [--rates 2,3]
-        [--datasets sharegpt synthetic:uniform:20:40] [--num-requests 80] [--replicas 2] [--threads 1]
+    python benchmarks/route_bench.py [--routers round-robin least-requests pow2 sal] [--rates 0.2,0.35]
+        [--datasets sharegpt synthetic:uniform:20:40] [--num-requests 30] [--replicas 2] [--threads 1]
         [--replay served] [--length-scale 0.1] [--max-tokens 256] [--max-num-seqs 8]
         [--policy fcfs] [--ignore-max-tokens] [--out out/route_bench]
 
 Replayed lengths are sent as max_tokens with ignore_eos, so every router's run does identical work;
 max_tokens then *is* the true length, and the router bounds its predictions by it unless
---ignore-max-tokens (then `sal` sees only the predictor's lengths). The replicas run for the whole
-bench; the router is restarted for each router name. Writes one `rankserve bench` JSON per
-(dataset, router) and report.md with every run, baseline least-requests.
+--ignore-max-tokens (then `sal` sees only the predictor's lengths). The replicas and one router
+process per router name run for the whole bench; routers take turns, in an order that alternates
+from one rate to the next. Writes one `rankserve bench` JSON per (dataset, router, rate) and
+report.md (every run, with ratios to least-requests at the same point).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import argparse
 import json
 import os
 import subprocess
+import time
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -65,10 +67,10 @@ def report_table(runs: list[tuple[str, str, dict]]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--routers", nargs="+", default=["round-robin", "least-requests", "pow2", "sal"])
-    ap.add_argument("--rates", default="2,3")
+    ap.add_argument("--rates", default="0.2,0.35", help="comma-separated req/s (each router at each rate)")
     ap.add_argument("--datasets", nargs="+", default=["sharegpt", "synthetic:uniform:20:40"],
                     help="`rankserve bench --dataset` values: lengths that vary (sharegpt) and that do not")
-    ap.add_argument("--num-requests", type=int, default=80)
+    ap.add_argument("--num-requests", type=int, default=30)
     ap.add_argument("--replicas", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per replica (OMP_NUM_THREADS)")
     # served: the served model's own lengths, which the shipped classifier (sal's lengths) predicts
@@ -78,6 +80,9 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", type=int, default=8)
     ap.add_argument("--policy", default="fcfs", help="each replica's scheduling policy (rankserve serve --policy)")
     ap.add_argument("--ignore-max-tokens", action="store_true", help="pass --ignore-max-tokens to the router")
+    ap.add_argument("--ray-python", default=None,
+                    help="also serve the same replicas through Ray Serve (a python with rankserve[ray]) and "
+                         "bench it as router 'ray-sal' next to the others")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("out/route_bench"))
     args = ap.parse_args()
@@ -92,39 +97,53 @@ def main() -> None:
         for i in range(args.replicas):
             port = free_port()
             proc = start(RANKSERVE + ["serve", "--port", str(port), "--policy", args.policy,
-                                      "--max-num-seqs", str(args.max_num_seqs)], args.out / f"replica{i}.log", env)
+                                      "--max-num-seqs", str(args.max_num_seqs), "--kv-cache-gb", "0.5",
+                                      "--swap-space-gb", "0.5"], args.out / f"replica{i}.log", env)
             stack.callback(stopped, proc)
             backends.append((f"http://127.0.0.1:{port}", proc))
-        for url, proc in backends:
+        routers = {}  # every router runs for the whole bench, in front of the same replicas
+        for router in args.routers:
+            port = free_port()
+            cmd = RANKSERVE + ["route", "--router", router, "--port", str(port)]
+            for url, _ in backends:
+                cmd += ["--backend", url]
+            if args.ignore_max_tokens:
+                cmd.append("--ignore-max-tokens")
+            proc = start(cmd, args.out / f"router-{router}.log")
+            stack.callback(stopped, proc)
+            routers[router] = (f"http://127.0.0.1:{port}", proc)
+        if args.ray_python:
+            port = free_port()
+            proc = start([args.ray_python, "-m", "rankserve.server.ray_serve", "--port", str(port), "--num-cpus",
+                          str(2 * args.replicas), f"replicas={args.replicas}", "router=sal", "num_cpus=1",
+                          f"policy={args.policy}", f"max_num_seqs={args.max_num_seqs}", "kv_cache_gb=0.5",
+                          "swap_space_gb=0.5"], args.out / "ray.log", env)
+            stack.callback(stopped, proc)
+            routers["ray-sal"] = (f"http://127.0.0.1:{port}", proc)
+        for url, proc in [*backends, *routers.values()]:
             wait_ready(url, proc)
         for dataset in args.datasets:
             tag = dataset.replace(":", "-")
-            for router in args.routers:
-                port = free_port()
-                cmd = RANKSERVE + ["route", "--router", router, "--port", str(port)]
-                for url, _ in backends:
-                    cmd += ["--backend", url]
-                if args.ignore_max_tokens:
-                    cmd.append("--ignore-max-tokens")
-                proc = start(cmd, args.out / f"router-{tag}-{router}.log")
-                try:
-                    wait_ready(f"http://127.0.0.1:{port}", proc)
-                    label = f"{tag}-{router}"
+            for k, rate in enumerate(args.rates.split(",")):
+                # alternate the order from one rate to the next, so a drift in the machine's load
+                # (shared with other work) does not always fall on the same router
+                names = list(routers)
+                for router in (names if k % 2 == 0 else names[::-1]):
+                    label = f"{tag}-{router}-{rate}"
                     subprocess.run(RANKSERVE + [
-                        "bench", "--url", f"http://127.0.0.1:{port}/v1", "--label", label, "--out", str(args.out),
-                        "--no-progress", "--dataset", dataset, "--rates", args.rates,
+                        "bench", "--url", routers[router][0] + "/v1", "--label", label, "--out", str(args.out),
+                        "--no-progress", "--dataset", dataset, "--rates", rate,
                         "--num-requests", str(args.num_requests), "--max-tokens", str(args.max_tokens),
                         "--replay", args.replay, "--length-scale", str(args.length_scale), "--seed", str(args.seed),
-                    ], check=True)
+                    ], check=True, stdout=subprocess.DEVNULL)
                     runs.append((dataset, router, args.out / f"{label}.json"))
-                finally:
-                    stopped(proc)
     table = report_table([(dataset, router, record) for dataset, router, path in runs
                           for record in json.loads(path.read_text())])
     header = (f"{args.replicas} x rankserve serve (--policy {args.policy}, --max-num-seqs {args.max_num_seqs}, "
               f"{args.threads} thread(s) each) behind rankserve route; {args.num_requests} requests per run, "
               f"replay {args.replay} x {args.length_scale}, cap {args.max_tokens}"
-              f"{', router blind to max_tokens' if args.ignore_max_tokens else ''}; CPU: {cpu_model()}")
+              f"{', router blind to max_tokens' if args.ignore_max_tokens else ''}; CPU: {cpu_model()}; "
+              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     (args.out / "report.md").write_text(header + "\n\n" + table + "\n")
     print(header)
     print(table)

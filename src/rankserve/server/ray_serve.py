@@ -208,3 +208,41 @@ def app_builder(args: dict[str, str]):
     casts = {"int": int, "float": float, "str": str, "str | None": str}
     settings = EngineSettings(**{k: casts.get(str(types[k]), str)(v) for k, v in args.items()})
     return build_serve_app(settings=settings, **kwargs)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m rankserve.server.ray_serve --port P KEY=VALUE ...``: start a local Ray (or join
+    ``--address``), serve the application on 127.0.0.1:P (``--host`` to change) until interrupted."""
+    import argparse
+    import signal
+    import sys
+
+    import ray
+
+    ap = argparse.ArgumentParser(prog="python -m rankserve.server.ray_serve", description=main.__doc__)
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--address", default=None, help="a running Ray cluster (ray start --head ...); default: local")
+    ap.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of a local Ray")
+    ap.add_argument("args", nargs="*", metavar="KEY=VALUE", help="app_builder's arguments, e.g. replicas=2 router=sal")
+    ns = ap.parse_args(argv)
+    pairs = [a.split("=", 1) for a in ns.args]
+    if any(len(p) != 2 for p in pairs):
+        ap.error("arguments are KEY=VALUE")
+    try:
+        app = app_builder(dict(pairs))
+    except ValueError as exc:
+        ap.error(str(exc))
+    # SIGTERM ends like Ctrl-C: through the finally below, so the local Ray goes with us
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    ray.init(address=ns.address, num_cpus=ns.num_cpus, include_dashboard=False)
+    try:
+        serve.start(http_options={"host": ns.host, "port": ns.port})
+        serve.run(app, blocking=True)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
