@@ -5,13 +5,13 @@ Skipped where ray[serve] is not installed (``pip install "rankserve[ray]"``)."""
 from __future__ import annotations
 
 import json
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 from helpers import wait_until
+from test_route_failover import free_port
 
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
@@ -31,9 +31,7 @@ def url():
         load_model_dir(None)
     except ModelNotFoundError as exc:
         pytest.skip(str(exc))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -31,7 +31,7 @@ from ray.serve.config import RequestRouterConfig
 
 from rankserve.route.body import SCORE_MODES
 from rankserve.route.policies import ROUTER_NAMES
-from rankserve.route.proxy import openai_error, prepare_request
+from rankserve.route.proxy import prepare_request
 from rankserve.route.ray_router import PolicyRequestRouter, route_fields
 from rankserve.route.scoring import PromptScorer, choose_predictor
 from rankserve.route.sse import output_tokens
