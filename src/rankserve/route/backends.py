@@ -48,6 +48,7 @@ class Backend:
     def __init__(self, url: str, load: ReplicaLoad) -> None:
         self.url = normalize_url(url)
         self.load = load
+        self.load.name = self.url
         self.load.healthy = False  # until the first health check answers
         self.last_error: str | None = None
 

@@ -144,14 +144,12 @@ class RoutingProxy:
         self.config = config
         self.scorer = scorer
         self.clock = clock
-        urls = [Backend(u, ReplicaLoad(prefill_weight=config.prefill_weight, kv_capacity_tokens=config.kv_capacity_tokens))
-                for u in config.backends]
-        seen = [b.url for b in urls]
-        if len(set(seen)) < len(seen):
-            raise ValueError(f"a backend is given twice: {', '.join(seen)}")
-        for b in urls:
-            b.load.name = b.url
-        self.backends = urls
+        self.backends = [Backend(url, ReplicaLoad(prefill_weight=config.prefill_weight,
+                                                  kv_capacity_tokens=config.kv_capacity_tokens))
+                         for url in config.backends]
+        urls = [b.url for b in self.backends]
+        if len(set(urls)) < len(urls):
+            raise ValueError(f"a backend is given twice: {', '.join(urls)}")
         self.policy = make_router(config.router, seed=config.seed)
         self.metrics = RouterMetrics(self.backends, scorer)
         self.client: httpx.AsyncClient | None = None
