@@ -260,7 +260,7 @@ def test_least_kv_reads_the_backends_reported_kv_cache():
         assert [_backend_of(apps, f"k{i}") for i in range(3)] == [1, 1, 1]
 
 
-def test_no_healthy_backend_is_a_503_and_metrics_name_every_backend():
+def test_metrics_name_every_backend_and_unhealthy_backends_are_a_last_resort():
     with fakes(2) as pairs, proxy_on([u for u, _ in pairs], health_interval_s=0.05) as (proxy, url):
         root = url.removesuffix("/v1")
         _post(url, "/completions", {"prompt": "m", "max_tokens": 3, "stream": True})
@@ -273,10 +273,32 @@ def test_no_healthy_backend_is_a_503_and_metrics_name_every_backend():
         for u, _ in pairs:
             httpx.post(u + "/fake/health", json={"status": 503})
         assert wait_until(lambda: not any(b.load.healthy for b in proxy.backends))
-        answer = _post(url, "/completions", {"prompt": "m"})
-        assert answer.status_code == 503 and answer.json()["error"]["type"] == "service_unavailable"
         assert httpx.get(root + "/health").status_code == 503
-        assert "rankserve:router_unrouted_requests_total 1.0" in httpx.get(root + "/metrics").text
+        # marked down but still answering: the request is served rather than refused
+        answer = _post(url, "/completions", {"prompt": "m", "max_tokens": 2})
+        assert answer.status_code == 200 and "tok1" in answer.json()["choices"][0]["text"]
+        assert httpx.get(url + "/models").status_code == 200
+        assert "rankserve:router_unrouted_requests_total 0.0" in httpx.get(root + "/metrics").text
+
+
+def test_slow_health_checks_take_a_backend_out_only_when_they_persist():
+    async def scenario():
+        from rankserve.route.backends import SLOW_CHECKS_TO_DOWN, Backend
+        from rankserve.route.load import ReplicaLoad
+
+        def slow(request):
+            raise httpx.ReadTimeout("slow", request=request)
+
+        backend = Backend("http://127.0.0.1:9", ReplicaLoad())
+        backend.load.healthy = True
+        async with httpx.AsyncClient(transport=httpx.MockTransport(slow)) as client:
+            for _ in range(SLOW_CHECKS_TO_DOWN - 1):
+                assert await backend.check(client, 0.1, None)
+            assert not await backend.check(client, 0.1, None)
+        async with httpx.AsyncClient(transport=httpx.MockTransport(lambda r: httpx.Response(200))) as client:
+            assert await backend.check(client, 0.1, None) and backend.slow_checks == 0
+
+    asyncio.run(scenario())
 
 
 def test_the_predicted_work_shows_in_the_tracker_and_falls_as_tokens_stream():

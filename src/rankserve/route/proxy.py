@@ -13,7 +13,8 @@ Failures: a backend that fails before anything reached the client (refused conne
 stream that ends before its first event) is taken out and the request goes to another one (at most
 ``max_retries`` times); a stream that already started ends with an error event and ``[DONE]``. A
 client that goes away closes the upstream request, which aborts it there. Health checks bring a
-backend back once it answers ``/health`` again.
+backend back once it answers ``/health`` again. While no backend is marked healthy, requests still
+go to the least busy one (health is a hint; only failures answer 502).
 """
 
 from __future__ import annotations
@@ -181,11 +182,16 @@ class RoutingProxy:
 
     # ---- routing -------------------------------------------------------------------------
     def pick(self, info: RouteRequest, exclude: Sequence[Backend] = ()) -> Backend | None:
+        """The policy's choice among the healthy backends not in ``exclude``. With none healthy, the
+        least busy of the others: health is a hint, and trying costs less than refusing (a dead
+        backend refuses at once and the request moves on)."""
         candidates = [b for b in self.backends if b not in exclude]
-        try:
-            return candidates[self.policy.choose(info, [b.load for b in candidates])] if candidates else None
-        except NoHealthyReplica:
+        if not candidates:
             return None
+        try:
+            return candidates[self.policy.choose(info, [b.load for b in candidates])]
+        except NoHealthyReplica:
+            return min(candidates, key=lambda b: b.load.num_in_flight)
 
     async def forward(self, http: HTTPRequest, path: str, chat: bool) -> Response:
         cfg = self.config
@@ -202,10 +208,8 @@ class RoutingProxy:
             backend = self.pick(info, failed)
             if backend is None:
                 self.metrics.unrouted.inc()
-                if failed:
-                    why = "; ".join(f"{b.name}: {b.last_error}" for b in failed)
-                    return openai_error(502, f"every backend tried failed ({why})", "upstream_error")
-                return openai_error(503, "no healthy backend", "service_unavailable")
+                why = "; ".join(f"{b.name}: {b.last_error}" for b in failed)
+                return openai_error(502, f"every backend tried failed ({why})", "upstream_error")
             request_id = uuid.uuid4().hex
             backend.load.on_send(request_id, info.prompt_tokens, info.predicted_output_tokens, info.max_tokens,
                                  self.clock())
@@ -260,11 +264,9 @@ class RoutingProxy:
                 await _close(upstream)
 
     async def models(self) -> Response:
-        """The first healthy backend's /v1/models, as it answers."""
+        """The first healthy backend's /v1/models, as it answers (the others' if none is healthy)."""
         assert self.client is not None
-        for backend in self.backends:
-            if not backend.load.healthy:
-                continue
+        for backend in sorted(self.backends, key=lambda b: not b.load.healthy):
             try:
                 answer = await self.client.get(backend.url + "/v1/models")
             except httpx.TransportError as exc:
@@ -272,7 +274,7 @@ class RoutingProxy:
                 continue
             return Response(answer.content, status_code=answer.status_code,
                             media_type=answer.headers.get("content-type"))
-        return openai_error(503, "no healthy backend", "service_unavailable")
+        return openai_error(502, "no backend answered", "upstream_error")
 
 
 class _RelayedStream(StreamingResponse):
