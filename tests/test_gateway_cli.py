@@ -4,7 +4,6 @@ the command serves in front of backends."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,10 +11,10 @@ from pathlib import Path
 import httpx
 import pytest
 from helpers import wait_until
-from test_route_failover import fake_process
+from test_route_failover import fake_process, free_port, healthy
 
 from rankserve.cli.main import main
-from rankserve.cli.route import choose_predictor
+from rankserve.route.scoring import choose_predictor
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -47,22 +46,14 @@ def test_auto_predictor_follows_the_router_and_mode():
 
 def test_rankserve_route_serves_in_front_of_two_backends():
     with fake_process("A") as (_, a), fake_process("B") as (_, b):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
         proc = subprocess.Popen([sys.executable, "-m", "rankserve.cli.main", "route", "--backend", a, "--backend",
                                  b + "/v1", "--router", "round-robin", "--port", str(port), "--tokenizer", "approx",
                                  "--predictor", "none"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         url = f"http://127.0.0.1:{port}"
         try:
-            def up() -> bool:
-                try:
-                    return httpx.get(url + "/health", timeout=1).status_code == 200
-                except httpx.HTTPError:
-                    return False
-
-            assert wait_until(up, 60), proc.stderr.read1().decode() if proc.poll() is not None else "no answer"
+            assert wait_until(lambda: healthy(url), 60), proc.stderr.read1().decode() if proc.poll() is not None else "no answer"
             models = [httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 1}).json()["model"]
                       for _ in range(4)]
             assert models == ["A", "B", "A", "B"]

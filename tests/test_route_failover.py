@@ -20,23 +20,29 @@ from test_route_proxy import proxy_on
 FAKE = Path(__file__).with_name("fake_backend.py")
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def healthy(url: str) -> bool:
+    """Whether ``url``/health answers 200 (False while nothing listens)."""
+    try:
+        return httpx.get(url + "/health", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 @contextmanager
 def fake_process(name: str):
     """A fake backend in its own process on a free port; killed on exit whatever happens."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen([sys.executable, str(FAKE), str(port), name], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
-        def up() -> bool:
-            try:
-                return httpx.get(url + "/health", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        assert wait_until(up, 30), f"fake backend {name} did not start"
+        assert wait_until(lambda: healthy(url), 30), f"fake backend {name} did not start"
         yield proc, url
     finally:
         proc.kill()

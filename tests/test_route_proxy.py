@@ -74,6 +74,7 @@ def test_read_prompt_and_mark_score():
         read_prompt(False, {"prompt": ""})
     body = {"prompt": "x", "vllm_xargs": {"other": 1}}
     assert mark_score(body, "xargs", -0.25)["vllm_xargs"] == {"other": 1, "rankserve_score": -0.25}
+    assert mark_score(body, "xargs", 9.0, 120.0)["vllm_xargs"]["rankserve_predicted_len"] == 120.0
     assert mark_score(body, "priority", -0.6514)["priority"] == score_to_priority(-0.6514) == -651
     assert mark_score({**body, "priority": 7}, "priority", -0.6)["priority"] == 7  # the client's wins
     assert mark_score(body, "xargs", None) is body and mark_score(body, "none", 1.0) is body
@@ -108,7 +109,8 @@ def test_stream_passes_through_byte_for_byte_with_the_score_in_xargs():
             got = b"".join(r.iter_raw())
         assert got.decode() == "".join(app.state.log["sent"]["s1"])
         forwarded = app.state.log["received"][0]
-        assert forwarded["vllm_xargs"] == {"rankserve_score": len("say something") / 1000}
+        n = len("say something")
+        assert forwarded["vllm_xargs"] == {"rankserve_score": n / 1000, "rankserve_predicted_len": n}
         assert forwarded["extra_field"] == [1, 2] and "priority" not in forwarded
         assert wait_until(lambda: proxy.backends[0].load.num_in_flight == 0)
         assert proxy.backends[0].load.num_finished == 1
@@ -258,7 +260,7 @@ def test_least_kv_reads_the_backends_reported_kv_cache():
         assert [_backend_of(apps, f"k{i}") for i in range(3)] == [1, 1, 1]
 
 
-def test_no_healthy_backend_is_a_503_and_metrics_name_every_backend():
+def test_metrics_name_every_backend_and_unhealthy_backends_are_a_last_resort():
     with fakes(2) as pairs, proxy_on([u for u, _ in pairs], health_interval_s=0.05) as (proxy, url):
         root = url.removesuffix("/v1")
         _post(url, "/completions", {"prompt": "m", "max_tokens": 3, "stream": True})
@@ -271,10 +273,32 @@ def test_no_healthy_backend_is_a_503_and_metrics_name_every_backend():
         for u, _ in pairs:
             httpx.post(u + "/fake/health", json={"status": 503})
         assert wait_until(lambda: not any(b.load.healthy for b in proxy.backends))
-        answer = _post(url, "/completions", {"prompt": "m"})
-        assert answer.status_code == 503 and answer.json()["error"]["type"] == "service_unavailable"
         assert httpx.get(root + "/health").status_code == 503
-        assert "rankserve:router_unrouted_requests_total 1.0" in httpx.get(root + "/metrics").text
+        # marked down but still answering: the request is served rather than refused
+        answer = _post(url, "/completions", {"prompt": "m", "max_tokens": 2})
+        assert answer.status_code == 200 and "tok1" in answer.json()["choices"][0]["text"]
+        assert httpx.get(url + "/models").status_code == 200
+        assert "rankserve:router_unrouted_requests_total 0.0" in httpx.get(root + "/metrics").text
+
+
+def test_slow_health_checks_take_a_backend_out_only_when_they_persist():
+    async def scenario():
+        from rankserve.route.backends import SLOW_CHECKS_TO_DOWN, Backend
+        from rankserve.route.load import ReplicaLoad
+
+        def slow(request):
+            raise httpx.ReadTimeout("slow", request=request)
+
+        backend = Backend("http://127.0.0.1:9", ReplicaLoad())
+        backend.load.healthy = True
+        async with httpx.AsyncClient(transport=httpx.MockTransport(slow)) as client:
+            for _ in range(SLOW_CHECKS_TO_DOWN - 1):
+                assert await backend.check(client, 0.1, None)
+            assert not await backend.check(client, 0.1, None)
+        async with httpx.AsyncClient(transport=httpx.MockTransport(lambda r: httpx.Response(200))) as client:
+            assert await backend.check(client, 0.1, None) and backend.slow_checks == 0
+
+    asyncio.run(scenario())
 
 
 def test_the_predicted_work_shows_in_the_tracker_and_falls_as_tokens_stream():

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import os
-from collections.abc import Sequence
-from pathlib import Path
 
 from rankserve.route.backends import normalize_url
 from rankserve.route.body import DEFAULT_PRIORITY_SCALE, DEFAULT_XARGS_KEY, SCORE_MODES
-from rankserve.route.policies import ROUTER_NAMES, ROUTERS
-from rankserve.route.scoring import TokenCounter, approximate_tokens
+from rankserve.route.policies import ROUTER_NAMES
+from rankserve.route.scoring import choose_predictor
 
 PREDICTOR_CHOICES = ("ranker", "classifier", "regressor", "none")
 
@@ -61,7 +58,10 @@ def _add_proxy_options(p: argparse.ArgumentParser, checked: dict, default_mode: 
                    help="length predictor run on each prompt; auto: classifier when the router reads lengths "
                         "(sal), else ranker when --mode needs a score, else none")
     p.add_argument("--predictor-weights", default=None,
-                   help="the predictor's weights file (default: the shipped served-model weights)")
+                   help="trained weights (.safetensors) for --predictor; default: the shipped ones")
+    p.add_argument("--ignore-max-tokens", action="store_true",
+                   help="do not bound predicted lengths by the request's max_tokens (for replayed traces, "
+                        "where max_tokens is the true length and would tell the router everything)")
     p.add_argument("--tokenizer", default="smollm2-135m-instruct",
                    help="counts prompt tokens for the load trackers: a model name, a local tokenizer "
                         "directory, or 'approx' (4 characters per token)")
@@ -78,41 +78,13 @@ def _add_proxy_options(p: argparse.ArgumentParser, checked: dict, default_mode: 
     p.add_argument("--seed", type=int, default=0)
 
 
-def choose_predictor(name: str, router: str, mode: str) -> str | None:
-    """The predictor ``--predictor auto`` stands for (None: no scoring)."""
-    if name != "auto":
-        return None if name == "none" else name
-    if ROUTERS[router].needs_prediction:
-        return "classifier"
-    return "ranker" if mode != "none" else None
-
-
-def token_counter(spec: str) -> TokenCounter:
-    """Prompt-token counts from the served model's tokenizer (offline), or the 4-characters rule."""
-    if spec == "approx":
-        return approximate_tokens
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    if Path(spec).expanduser().is_dir():
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(Path(spec).expanduser())
-    else:
-        from rankserve.model.loader import load_model_dir, load_tokenizer
-
-        tokenizer = load_tokenizer(load_model_dir(spec))
-
-    def count(texts: Sequence[str]) -> list[int]:
-        return [len(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
-
-    return count
-
-
 def cmd_proxy(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import uvicorn
 
     from rankserve.predict import make_predictor
     from rankserve.route.proxy import RouterConfig, RoutingProxy, build_proxy_app
     from rankserve.route.scoring import PromptScorer
+    from rankserve.server.prompt_tokens import token_counter
 
     backends = args.backend if isinstance(args.backend, list) else [args.backend]
     if len(set(backends)) < len(backends):
@@ -122,7 +94,8 @@ def cmd_proxy(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     config = RouterConfig(backends, router=args.router, mode=args.mode, xargs_key=args.xargs_key,
                           priority_scale=args.priority_scale, health_interval_s=args.health_interval,
                           max_retries=args.max_retries, kv_capacity_tokens=args.kv_capacity_tokens,
-                          prefill_weight=args.prefill_weight, seed=args.seed)
+                          prefill_weight=args.prefill_weight, bound_by_max_tokens=not args.ignore_max_tokens,
+                          seed=args.seed)
     predictor_name = choose_predictor(args.predictor, args.router, args.mode)
     try:
         counter = token_counter(args.tokenizer)
@@ -131,7 +104,7 @@ def cmd_proxy(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     try:
         predictor = make_predictor(predictor_name, weights=args.predictor_weights) if predictor_name else None
     except (OSError, ValueError) as exc:
-        parser.error(f"argument --predictor: {exc}")
+        parser.error(f"argument {'--predictor-weights' if args.predictor_weights else '--predictor'}: {exc}")
     proxy = RoutingProxy(config, PromptScorer(predictor, counter))
     print(f"{args.command}: {len(backends)} backend(s) {', '.join(backends)}; router {args.router}; "
           f"score mode {args.mode}; predictor {predictor_name or 'none'}; on http://{args.host}:{args.port}/v1",

@@ -17,6 +17,7 @@ import httpx
 from rankserve.route.load import ReplicaLoad
 
 _LABELS = re.compile(r'(\w+)="([^"]*)"')
+SLOW_CHECKS_TO_DOWN = 3
 
 
 def normalize_url(url: str) -> str:
@@ -48,8 +49,10 @@ class Backend:
     def __init__(self, url: str, load: ReplicaLoad) -> None:
         self.url = normalize_url(url)
         self.load = load
+        self.load.name = self.url
         self.load.healthy = False  # until the first health check answers
         self.last_error: str | None = None
+        self.slow_checks = 0  # health checks in a row that timed out
 
     @property
     def name(self) -> str:
@@ -61,23 +64,34 @@ class Backend:
         self.last_error = why
 
     async def check(self, client: httpx.AsyncClient, timeout_s: float, kv_capacity_tokens: int | None) -> bool:
-        """One health check; updates ``load.healthy`` and the reported KV cache."""
+        """One health check; updates ``load.healthy`` and the reported KV cache. A refused
+        connection or an answer other than 200 takes the backend out at once; a slow answer only
+        after ``SLOW_CHECKS_TO_DOWN`` in a row (a busy engine can be late and still serve)."""
         try:
             answer = await client.get(self.url + "/health", timeout=timeout_s)
-            healthy = answer.status_code == 200
-            why = None if healthy else f"/health answered {answer.status_code}"
-            if healthy:
-                metrics = await client.get(self.url + "/metrics", timeout=timeout_s)
-                if metrics.status_code == 200:
-                    usage, capacity = kv_from_metrics(metrics.text)
-                    capacity = capacity or kv_capacity_tokens
-                    if usage is not None and capacity is not None:
-                        self.load.set_kv(usage * capacity, capacity)
+        except httpx.TimeoutException:
+            self.slow_checks += 1
+            if self.slow_checks >= SLOW_CHECKS_TO_DOWN:
+                self.mark_down(f"/health timed out {self.slow_checks} times in a row")
+            return self.load.healthy
         except httpx.HTTPError as exc:
-            healthy, why = False, f"health check failed: {type(exc).__name__}"
-        self.load.healthy = healthy
-        self.last_error = why or self.last_error
-        return healthy
+            self.mark_down(f"health check failed: {type(exc).__name__}")
+            return False
+        self.slow_checks = 0
+        if answer.status_code != 200:
+            self.mark_down(f"/health answered {answer.status_code}")
+            return False
+        self.load.healthy = True
+        try:
+            metrics = await client.get(self.url + "/metrics", timeout=timeout_s)
+        except httpx.HTTPError:
+            return True  # the KV reading waits for the next check
+        if metrics.status_code == 200:
+            usage, capacity = kv_from_metrics(metrics.text)
+            capacity = capacity or kv_capacity_tokens
+            if usage is not None and capacity is not None:
+                self.load.set_kv(usage * capacity, capacity)
+        return True
 
 
 async def check_all(backends: Sequence[Backend], client: httpx.AsyncClient, timeout_s: float,

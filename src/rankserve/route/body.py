@@ -4,8 +4,9 @@ The body is forwarded as the client sent it except for one field, chosen by the 
 
 - ``priority``: vLLM's ``priority`` (an int, lower runs first) for a stock vLLM started with
   ``--scheduling-policy priority``, or ``rankserve serve --policy priority``;
-- ``xargs``: ``vllm_xargs[KEY] = score`` (a float, lower = shorter) for rankserve's vLLM scheduler
-  class, which reads it from ``SamplingParams.extra_args``;
+- ``xargs``: ``vllm_xargs[KEY] = score`` (a float, lower = shorter) and, when the predictor gives
+  lengths, ``vllm_xargs["rankserve_predicted_len"]`` for rankserve's vLLM scheduler class
+  (``rankserve.integrations.vllm``), which reads them from ``SamplingParams.extra_args``;
 - ``none``: nothing (the backend scores the prompt itself, e.g. ``rankserve serve --policy ltr``).
 """
 
@@ -16,6 +17,7 @@ from typing import Any
 
 SCORE_MODES = ("priority", "xargs", "none")
 DEFAULT_XARGS_KEY = "rankserve_score"
+XARGS_LENGTH_KEY = "rankserve_predicted_len"  # the vLLM scheduler class's name for it
 DEFAULT_PRIORITY_SCALE = 1000.0  # the ranker's scores span about one unit: keep three decimals
 
 
@@ -73,8 +75,8 @@ def score_to_priority(score: float, scale: float = DEFAULT_PRIORITY_SCALE) -> in
     return round(score * scale)
 
 
-def mark_score(body: dict, mode: str, score: float | None, xargs_key: str = DEFAULT_XARGS_KEY,
-               priority_scale: float = DEFAULT_PRIORITY_SCALE) -> dict:
+def mark_score(body: dict, mode: str, score: float | None, predicted_len: float | None = None,
+               xargs_key: str = DEFAULT_XARGS_KEY, priority_scale: float = DEFAULT_PRIORITY_SCALE) -> dict:
     """The body to forward. Without a score it is the client's, unchanged (the backend then serves
     the request in its arrival order); a client's own ``priority`` is kept."""
     if score is None or mode == "none":
@@ -82,6 +84,8 @@ def mark_score(body: dict, mode: str, score: float | None, xargs_key: str = DEFA
     if mode == "priority":
         return body if "priority" in body else {**body, "priority": score_to_priority(score, priority_scale)}
     if mode == "xargs":
-        xargs = body.get("vllm_xargs")
-        return {**body, "vllm_xargs": {**(xargs if isinstance(xargs, dict) else {}), xargs_key: float(score)}}
+        xargs = {**(body["vllm_xargs"] if isinstance(body.get("vllm_xargs"), dict) else {}), xargs_key: float(score)}
+        if predicted_len is not None:
+            xargs[XARGS_LENGTH_KEY] = float(predicted_len)
+        return {**body, "vllm_xargs": xargs}
     raise ValueError(f"unknown score mode {mode!r} (choose from {', '.join(SCORE_MODES)})")

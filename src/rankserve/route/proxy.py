@@ -13,7 +13,8 @@ Failures: a backend that fails before anything reached the client (refused conne
 stream that ends before its first event) is taken out and the request goes to another one (at most
 ``max_retries`` times); a stream that already started ends with an error event and ``[DONE]``. A
 client that goes away closes the upstream request, which aborts it there. Health checks bring a
-backend back once it answers ``/health`` again.
+backend back once it answers ``/health`` again. While no backend is marked healthy, requests still
+go to the least busy one (health is a hint; only failures answer 502).
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class RouterConfig:
     max_retries: int = 3
     kv_capacity_tokens: int | None = None  # for backends that do not report their KV capacity
     prefill_weight: float = 0.5  # a prompt token's cost in decode tokens, for sal
+    bound_by_max_tokens: bool = True  # False: the trackers do not see max_tokens (replayed traces)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -76,6 +78,37 @@ class ClientGone(Exception):
 def openai_error(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None) -> JSONResponse:
     body = {"error": {"message": message, "type": type_, "param": param, "code": status}}
     return JSONResponse(body, status_code=status)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A request ready to forward: the body with the score written in, and what routing reads."""
+
+    payload: bytes
+    route: RouteRequest
+    stream: bool
+
+
+async def prepare_request(raw: bytes, chat: bool, scorer: PromptScorer, mode: str,
+                          xargs_key: str = DEFAULT_XARGS_KEY, priority_scale: float = DEFAULT_PRIORITY_SCALE,
+                          bound_by_max_tokens: bool = True) -> Prepared | JSONResponse:
+    """Parse and score a completion (``chat`` False) or chat request body; a 400 answer if it is
+    not one."""
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        return openai_error(400, "the request body is not valid JSON")
+    if not isinstance(body, dict):
+        return openai_error(400, "the request body must be a JSON object")
+    try:
+        prompt = read_prompt(chat, body)
+    except ValueError as exc:
+        return openai_error(400, str(exc), param="messages" if chat else "prompt")
+    scored = await scorer.score(prompt)
+    payload = json.dumps(mark_score(body, mode, scored.score, scored.predicted_len, xargs_key, priority_scale))
+    route = RouteRequest(scored.prompt_tokens, scored.predicted_len,
+                         max_tokens_of(chat, body) if bound_by_max_tokens else None)
+    return Prepared(payload.encode(), route, body.get("stream") is True)
 
 
 async def _until_disconnect(receive: Callable[[], Awaitable[dict]], work: Awaitable[Response]) -> Response:
@@ -112,14 +145,12 @@ class RoutingProxy:
         self.config = config
         self.scorer = scorer
         self.clock = clock
-        urls = [Backend(u, ReplicaLoad(prefill_weight=config.prefill_weight, kv_capacity_tokens=config.kv_capacity_tokens))
-                for u in config.backends]
-        seen = [b.url for b in urls]
-        if len(set(seen)) < len(seen):
-            raise ValueError(f"a backend is given twice: {', '.join(seen)}")
-        for b in urls:
-            b.load.name = b.url
-        self.backends = urls
+        self.backends = [Backend(url, ReplicaLoad(prefill_weight=config.prefill_weight,
+                                                  kv_capacity_tokens=config.kv_capacity_tokens))
+                         for url in config.backends]
+        urls = [b.url for b in self.backends]
+        if len(set(urls)) < len(urls):
+            raise ValueError(f"a backend is given twice: {', '.join(urls)}")
         self.policy = make_router(config.router, seed=config.seed)
         self.metrics = RouterMetrics(self.backends, scorer)
         self.client: httpx.AsyncClient | None = None
@@ -151,40 +182,34 @@ class RoutingProxy:
 
     # ---- routing -------------------------------------------------------------------------
     def pick(self, info: RouteRequest, exclude: Sequence[Backend] = ()) -> Backend | None:
+        """The policy's choice among the healthy backends not in ``exclude``. With none healthy, the
+        least busy of the others: health is a hint, and trying costs less than refusing (a dead
+        backend refuses at once and the request moves on)."""
         candidates = [b for b in self.backends if b not in exclude]
-        try:
-            return candidates[self.policy.choose(info, [b.load for b in candidates])] if candidates else None
-        except NoHealthyReplica:
+        if not candidates:
             return None
+        try:
+            return candidates[self.policy.choose(info, [b.load for b in candidates])]
+        except NoHealthyReplica:
+            return min(candidates, key=lambda b: b.load.num_in_flight)
 
     async def forward(self, http: HTTPRequest, path: str, chat: bool) -> Response:
-        try:
-            body = json.loads(await http.body())
-        except ValueError:
-            return openai_error(400, "the request body is not valid JSON")
-        if not isinstance(body, dict):
-            return openai_error(400, "the request body must be a JSON object")
-        try:
-            prompt = read_prompt(chat, body)
-        except ValueError as exc:
-            return openai_error(400, str(exc), param="messages" if chat else "prompt")
-        scored = await self.scorer.score(prompt)
         cfg = self.config
-        payload = json.dumps(mark_score(body, cfg.mode, scored.score, cfg.xargs_key, cfg.priority_scale)).encode()
-        info = RouteRequest(scored.prompt_tokens, scored.predicted_len, max_tokens_of(chat, body))
+        prepared = await prepare_request(await http.body(), chat, self.scorer, cfg.mode, cfg.xargs_key,
+                                         cfg.priority_scale, cfg.bound_by_max_tokens)
+        if isinstance(prepared, Response):
+            return prepared
+        payload, info, stream = prepared.payload, prepared.route, prepared.stream
         headers = {"content-type": "application/json", "accept-encoding": "identity"}
         if "authorization" in http.headers:
             headers["authorization"] = http.headers["authorization"]
-        stream = body.get("stream") is True
         failed: list[Backend] = []
         while True:
             backend = self.pick(info, failed)
             if backend is None:
                 self.metrics.unrouted.inc()
-                if failed:
-                    why = "; ".join(f"{b.name}: {b.last_error}" for b in failed)
-                    return openai_error(502, f"every backend tried failed ({why})", "upstream_error")
-                return openai_error(503, "no healthy backend", "service_unavailable")
+                why = "; ".join(f"{b.name}: {b.last_error}" for b in failed)
+                return openai_error(502, f"every backend tried failed ({why})", "upstream_error")
             request_id = uuid.uuid4().hex
             backend.load.on_send(request_id, info.prompt_tokens, info.predicted_output_tokens, info.max_tokens,
                                  self.clock())
@@ -239,11 +264,9 @@ class RoutingProxy:
                 await _close(upstream)
 
     async def models(self) -> Response:
-        """The first healthy backend's /v1/models, as it answers."""
+        """The first healthy backend's /v1/models, as it answers (the others' if none is healthy)."""
         assert self.client is not None
-        for backend in self.backends:
-            if not backend.load.healthy:
-                continue
+        for backend in sorted(self.backends, key=lambda b: not b.load.healthy):
             try:
                 answer = await self.client.get(backend.url + "/v1/models")
             except httpx.TransportError as exc:
@@ -251,7 +274,7 @@ class RoutingProxy:
                 continue
             return Response(answer.content, status_code=answer.status_code,
                             media_type=answer.headers.get("content-type"))
-        return openai_error(503, "no healthy backend", "service_unavailable")
+        return openai_error(502, "no backend answered", "upstream_error")
 
 
 class _RelayedStream(StreamingResponse):

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from rankserve.core.request import Request
 from rankserve.predict.base import Predictor
 from rankserve.route.body import Prompt
+from rankserve.route.policies import ROUTERS
 
 TokenCounter = Callable[[Sequence[str]], list[int]]
 
@@ -24,6 +25,15 @@ TokenCounter = Callable[[Sequence[str]], list[int]]
 def approximate_tokens(texts: Sequence[str]) -> list[int]:
     """About four characters per token (English BPE): the count when no tokenizer is given."""
     return [len(t) // 4 + 1 for t in texts]
+
+
+def choose_predictor(name: str, router: str, mode: str) -> str | None:
+    """The predictor ``--predictor auto`` stands for (None: no scoring)."""
+    if name != "auto":
+        return None if name == "none" else name
+    if ROUTERS[router].needs_prediction:
+        return "classifier"
+    return "ranker" if mode != "none" else None
 
 
 @dataclass(frozen=True)
