@@ -48,7 +48,7 @@ vllm-venv: $(VLLM_STAMP)
 
 # The integration's tests: vLLM's real scheduler driven by hand, then its OpenAI server end to end.
 vllm-test: $(VLLM_STAMP)
-	$(VLLM_BIN)/python -m pytest -q tests/vllm
+	$(VLLM_BIN)/python -m pytest -q tests/vllm_integration
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) out build *.egg-info

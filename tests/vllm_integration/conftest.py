@@ -12,6 +12,7 @@ import pytest
 
 BLOCK_SIZE = 16
 
+# (This directory is not named "vllm": with tests/ on sys.path it would shadow the real package.)
 if importlib.util.find_spec("vllm") is None:
     collect_ignore_glob = ["test_*.py"]  # no vLLM here: nothing to collect (the default suite)
 
