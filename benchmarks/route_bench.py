@@ -2,7 +2,7 @@
 `rankserve route --router R`, one replayed trace per dataset and rate, the same for every router.
 
     python benchmarks/route_bench.py [--routers round-robin least-requests pow2 sal] [--rates 0.2,0.35]
-        [--datasets sharegpt synthetic:uniform:20:40] [--num-requests 30] [--replicas 2] [--threads 1]
+        [--datasets sharegpt synthetic:uniform:20:40] [--num-requests 30] [--repeats 1] [--replicas 2] [--threads 1]
         [--replay served] [--length-scale 0.1] [--max-tokens 256] [--max-num-seqs 8]
         [--policy fcfs] [--ignore-max-tokens] [--out out/route_bench]
 
@@ -10,7 +10,7 @@ Replayed lengths are sent as max_tokens with ignore_eos, so every router's run d
 max_tokens then *is* the true length, and the router bounds its predictions by it unless
 --ignore-max-tokens (then `sal` sees only the predictor's lengths). The replicas and one router
 process per router name run for the whole bench; routers take turns, in an order that alternates
-from one rate to the next. Writes one `rankserve bench` JSON per (dataset, router, rate) and
+from one (dataset, rate) point to the next. Writes one `rankserve bench` JSON per (dataset, router, rate) and
 report.md (every run, with ratios to least-requests at the same point).
 """
 
@@ -19,7 +19,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
+import sys
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -49,16 +51,18 @@ def stopped(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def report_table(runs: list[tuple[str, str, dict]]) -> str:
-    """One row per (dataset, rate, router), with each metric's ratio to least-requests at that point."""
-    base = {(d, r["spec"]["rate"]): r["summary"] for d, router, r in runs if router == "least-requests"}
-    rows = ["| dataset | rate | router | mean lat/tok ms | p99 latency s | mean TTFT s | req/s | failed | "
-            "lat/tok vs least-requests | p99 vs least-requests |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for dataset, router, r in sorted(runs, key=lambda x: (x[0], x[2]["spec"]["rate"] or 0)):
-        s, b = r["summary"], base.get((dataset, r["spec"]["rate"]))
+def report_table(runs: list[tuple[str, str, int, dict]]) -> str:
+    """One row per (dataset, rate, repeat, router), in the order they ran, with each metric's ratio
+    to least-requests in the same repeat at the same point."""
+    base = {(d, r["spec"]["rate"], rep): r["summary"] for d, router, rep, r in runs if router == "least-requests"}
+    rows = ["| dataset | rate | repeat | router | mean lat/tok ms | p99 latency s | mean TTFT s | req/s | failed | "
+            "lat/tok vs least-requests | p99 vs least-requests |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for dataset, router, rep, r in runs:
+        s, b = r["summary"], base.get((dataset, r["spec"]["rate"], rep))
         vs = (f"{s['mean_latency_per_token_s'] / b['mean_latency_per_token_s']:.2f}x | "
               f"{s['p99_latency_s'] / b['p99_latency_s']:.2f}x") if b else "- | -"
-        rows.append(f"| {dataset} | {r['spec']['rate']:g} | {router} | {s['mean_latency_per_token_s'] * 1e3:.1f} "
+        rows.append(f"| {dataset} | {r['spec']['rate']:g} | {rep + 1} | {router} "
+                    f"| {s['mean_latency_per_token_s'] * 1e3:.1f} "
                     f"| {s['p99_latency_s']:.2f} | {s['mean_ttft_s']:.2f} | {s['throughput_rps']:.2f} "
                     f"| {s['num_aborted']} | {vs} |")
     return "\n".join(rows)
@@ -71,6 +75,8 @@ def main() -> None:
     ap.add_argument("--datasets", nargs="+", default=["sharegpt", "synthetic:uniform:20:40"],
                     help="`rankserve bench --dataset` values: lengths that vary (sharegpt) and that do not")
     ap.add_argument("--num-requests", type=int, default=30)
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="run every point this many times (the order alternates, so 2 gives A B B A)")
     ap.add_argument("--replicas", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per replica (OMP_NUM_THREADS)")
     # served: the served model's own lengths, which the shipped classifier (sal's lengths) predicts
@@ -86,6 +92,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("out/route_bench"))
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # stop the servers on the way out
     bad = [r for r in args.routers if r not in ROUTER_NAMES]
     if bad:
         ap.error(f"--routers: unknown {', '.join(bad)} (choose from {', '.join(ROUTER_NAMES)})")
@@ -122,22 +129,23 @@ def main() -> None:
             routers["ray-sal"] = (f"http://127.0.0.1:{port}", proc)
         for url, proc in [*backends, *routers.values()]:
             wait_ready(url, proc)
-        for dataset in args.datasets:
+        points = [(dataset, rate, rep) for rep in range(args.repeats) for dataset in args.datasets
+                  for rate in args.rates.split(",")]
+        for k, (dataset, rate, rep) in enumerate(points):
             tag = dataset.replace(":", "-")
-            for k, rate in enumerate(args.rates.split(",")):
-                # alternate the order from one rate to the next, so a drift in the machine's load
-                # (shared with other work) does not always fall on the same router
-                names = list(routers)
-                for router in (names if k % 2 == 0 else names[::-1]):
-                    label = f"{tag}-{router}-{rate}"
-                    subprocess.run(RANKSERVE + [
-                        "bench", "--url", routers[router][0] + "/v1", "--label", label, "--out", str(args.out),
-                        "--no-progress", "--dataset", dataset, "--rates", rate,
-                        "--num-requests", str(args.num_requests), "--max-tokens", str(args.max_tokens),
-                        "--replay", args.replay, "--length-scale", str(args.length_scale), "--seed", str(args.seed),
-                    ], check=True, stdout=subprocess.DEVNULL)
-                    runs.append((dataset, router, args.out / f"{label}.json"))
-    table = report_table([(dataset, router, record) for dataset, router, path in runs
+            # alternate the order from one point to the next, so a drift in the machine's load
+            # (shared with other work) does not always fall on the same router
+            names = list(routers)
+            for router in (names if k % 2 == 0 else names[::-1]):
+                label = f"{tag}-{router}-{rate}" + (f"-run{rep + 1}" if args.repeats > 1 else "")
+                subprocess.run(RANKSERVE + [
+                    "bench", "--url", routers[router][0] + "/v1", "--label", label, "--out", str(args.out),
+                    "--no-progress", "--dataset", dataset, "--rates", rate,
+                    "--num-requests", str(args.num_requests), "--max-tokens", str(args.max_tokens),
+                    "--replay", args.replay, "--length-scale", str(args.length_scale), "--seed", str(args.seed),
+                ], check=True, stdout=subprocess.DEVNULL)
+                runs.append((dataset, router, rep, args.out / f"{label}.json"))
+    table = report_table([(dataset, router, rep, record) for dataset, router, rep, path in runs
                           for record in json.loads(path.read_text())])
     header = (f"{args.replicas} x rankserve serve (--policy {args.policy}, --max-num-seqs {args.max_num_seqs}, "
               f"{args.threads} thread(s) each) behind rankserve route; {args.num_requests} requests per run, "

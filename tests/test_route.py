@@ -6,7 +6,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rankserve.route import ROUTER_NAMES, NoHealthyReplica, ReplicaLoad, RouteRequest, make_router, remaining_output
+from rankserve.route import (
+    ROUTER_NAMES,
+    NoHealthyReplica,
+    ReplicaLoad,
+    RouteRequest,
+    ScoreLengths,
+    make_router,
+    remaining_output,
+)
 
 
 def test_router_names_are_the_issue_s():
@@ -246,3 +254,23 @@ def test_sal_chooses_a_replica_that_fits_when_one_does(used, prompt):
     chosen = make_router("sal").choose(request, reps)
     if any(r.healthy and r.can_fit(request.kv_footprint) for r in reps):
         assert reps[chosen].can_fit(request.kv_footprint)
+
+
+def test_score_lengths_learns_the_mean_length_of_a_score_bin():
+    lengths = ScoreLengths(bins=2, refit_every=10, min_samples=10)
+    assert lengths.predict(0.0) is None
+    for i in range(40):
+        short = i % 2 == 0
+        lengths.observe(-1.0 - 0.01 * i if short else 1.0 + 0.01 * i, 10 if short else 500)
+    assert lengths.predict(-5.0) == pytest.approx(10)
+    assert lengths.predict(5.0) == pytest.approx(500)
+
+
+def test_the_tracker_remembers_when_it_last_heard_from_the_replica():
+    load = ReplicaLoad()
+    assert load.last_event_time is None
+    load.on_send("a", 3, None, None, 1.0)
+    load.on_tokens("a", 2, 2.5)
+    assert load.last_event_time == 2.5
+    load.on_finish("a", 4.0)
+    assert load.last_event_time == 4.0

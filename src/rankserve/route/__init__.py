@@ -2,8 +2,8 @@
 
 The same code runs in the cluster simulator and in the live router; see each module's docstring."""
 
-from rankserve.route.load import LoadSnapshot, ReplicaLoad, remaining_output
+from rankserve.route.load import LoadSnapshot, ReplicaLoad, ScoreLengths, remaining_output
 from rankserve.route.policies import ROUTER_NAMES, ROUTERS, NoHealthyReplica, RouteRequest, Router, make_router
 
 __all__ = ["LoadSnapshot", "NoHealthyReplica", "ROUTERS", "ROUTER_NAMES", "ReplicaLoad", "RouteRequest", "Router",
-           "make_router", "remaining_output"]
+           "ScoreLengths", "make_router", "remaining_output"]

@@ -11,6 +11,7 @@ passed in) and knows nothing of HTTP. Interface::
     load.on_finish(request_id, now)         # finished, aborted or failed; unknown ids are ignored
     load.set_kv(used_tokens, capacity_tokens)   # when the backend reports its KV cache
     load.healthy = False                    # health checks set it; routers skip unhealthy replicas
+    load.last_event_time                    # ``now`` of the latest event (None before any)
 
     load.num_in_flight       requests sent and not finished
     load.outstanding_work    predicted work left, in decode-token equivalents (see below), >= 0
@@ -30,11 +31,20 @@ expected remaining life grows with age; 0 restores the naive clamp at zero). Bot
 prediction the request counts ``default_output_tokens``.
 
 Sums are kept incrementally, so each event costs O(1).
+
+A ranker gives a score, not a length. :class:`ScoreLengths` turns scores into expected output
+lengths from what the router itself sees finish::
+
+    lengths = ScoreLengths(bins=16, refit_every=256)
+    lengths.observe(score, output_tokens)     # a request with this score finished after this many
+    lengths.predict(score)                    # mean length of finished requests in its score bin
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import numpy as np
 
 
 def remaining_output(predicted: float, generated: int, max_tokens: int | None, overrun_factor: float) -> float:
@@ -49,9 +59,9 @@ def remaining_output(predicted: float, generated: int, max_tokens: int | None, o
 
 
 class _InFlight:
-    __slots__ = ("prompt", "predicted", "max_tokens", "prefilled", "generated", "work", "demand", "sent_at")
+    __slots__ = ("prompt", "predicted", "max_tokens", "prefilled", "generated", "work", "demand")
 
-    def __init__(self, prompt: int, predicted: float, max_tokens: int | None, sent_at: float) -> None:
+    def __init__(self, prompt: int, predicted: float, max_tokens: int | None) -> None:
         self.prompt = prompt
         self.predicted = predicted
         self.max_tokens = max_tokens
@@ -59,7 +69,6 @@ class _InFlight:
         self.generated = 0
         self.work = 0.0
         self.demand = 0.0
-        self.sent_at = sent_at
 
 
 @dataclass
@@ -102,6 +111,7 @@ class ReplicaLoad:
         self.default_output_tokens = default_output_tokens
         self.kv_capacity_tokens = kv_capacity_tokens
         self.healthy = True
+        self.last_event_time: float | None = None  # of the latest event: a live router can spot a silent backend
         self.num_sent = 0
         self.num_finished = 0
         self._requests: dict[str, _InFlight] = {}
@@ -119,8 +129,9 @@ class ReplicaLoad:
         if prompt_tokens < 1:
             raise ValueError(f"prompt_tokens must be >= 1, got {prompt_tokens}")
         predicted = self.default_output_tokens if predicted_output_tokens is None else float(predicted_output_tokens)
-        entry = _InFlight(prompt_tokens, predicted, max_tokens, now)
+        entry = _InFlight(prompt_tokens, predicted, max_tokens)
         self._requests[request_id] = entry
+        self.last_event_time = now
         self.num_sent += 1
         self._reprice(entry)
 
@@ -128,6 +139,7 @@ class ReplicaLoad:
         entry = self._requests.get(request_id)
         if entry is None or entry.prefilled:
             return
+        self.last_event_time = now
         entry.prefilled = True
         self._held_estimate += entry.prompt
         self._reprice(entry)
@@ -137,6 +149,7 @@ class ReplicaLoad:
         entry = self._requests.get(request_id)
         if entry is None or n <= 0:
             return
+        self.last_event_time = now
         if not entry.prefilled:
             entry.prefilled = True
             self._held_estimate += entry.prompt
@@ -149,6 +162,7 @@ class ReplicaLoad:
         entry = self._requests.pop(request_id, None)
         if entry is None:
             return
+        self.last_event_time = now
         self.num_finished += 1
         self._work -= entry.work
         self._demand -= entry.demand
@@ -213,3 +227,49 @@ class ReplicaLoad:
         self._demand += demand - entry.demand
         entry.work = work
         entry.demand = demand
+
+
+class ScoreLengths:
+    """Expected output length of a rank score, learned online from finished requests.
+
+    Scores are binned at the quantiles of the scores seen (``bins`` bins, refitted every
+    ``refit_every`` observations over the last ``window``); a score predicts the mean length of its
+    bin, i.e. E[length | score bin]: with a ranker of modest accuracy that regresses towards the
+    mean, which is what a sum of work wants. Before ``min_samples`` observations it predicts
+    ``None`` (the tracker then counts its default)."""
+
+    def __init__(self, bins: int = 16, refit_every: int = 256, window: int = 8192, min_samples: int = 64) -> None:
+        if bins < 1 or refit_every < 1 or window < min_samples or min_samples < 1:
+            raise ValueError("need bins >= 1, refit_every >= 1 and window >= min_samples >= 1")
+        self.bins = bins
+        self.refit_every = refit_every
+        self.min_samples = min_samples
+        self._scores = np.zeros(window)
+        self._lengths = np.zeros(window)
+        self._count = 0
+        self._edges: np.ndarray | None = None
+        self._means: np.ndarray | None = None
+
+    def observe(self, score: float, output_tokens: int) -> None:
+        slot = self._count % len(self._scores)
+        self._scores[slot] = score
+        self._lengths[slot] = output_tokens
+        self._count += 1
+        if self._count >= self.min_samples and (self._edges is None or self._count % self.refit_every == 0):
+            self._fit()
+
+    def predict(self, score: float) -> float | None:
+        if self._edges is None:
+            return None
+        return float(self._means[np.searchsorted(self._edges, score)])
+
+    def _fit(self) -> None:
+        n = min(self._count, len(self._scores))
+        scores, lengths = self._scores[:n], self._lengths[:n]
+        edges = np.unique(np.quantile(scores, np.linspace(0, 1, self.bins + 1)[1:-1]))
+        which = np.searchsorted(edges, scores)
+        sums = np.bincount(which, lengths, minlength=len(edges) + 1)
+        counts = np.bincount(which, minlength=len(edges) + 1)
+        overall = lengths.mean()
+        self._means = np.where(counts > 0, sums / np.maximum(counts, 1), overall)
+        self._edges = edges

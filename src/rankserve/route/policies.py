@@ -2,7 +2,7 @@
 
 Interface::
 
-    router = make_router("sal", seed=0)            # a name from ROUTER_NAMES
+    router = make_router("sal", seed=0)             # a name from ROUTER_NAMES
     info = RouteRequest(prompt_tokens=812, predicted_output_tokens=140.0, max_tokens=None)
     i = router.choose(info, replicas)               # replicas: Sequence[ReplicaLoad] (route/load.py)
     replicas[i].on_send(request_id, info.prompt_tokens, info.predicted_output_tokens, info.max_tokens, now)
@@ -133,9 +133,10 @@ class SAL(Router):
     name = "sal"
     needs_prediction = True
 
-    def __init__(self, seed: int = 0, memory_aware: bool = True) -> None:
+    def __init__(self, seed: int = 0, memory_aware: bool = True, speed_aware: bool = True) -> None:
         super().__init__(seed)
         self.memory_aware = memory_aware
+        self.speed_aware = speed_aware
 
     def _pick(self, request, replicas, healthy):
         candidates = healthy
@@ -145,7 +146,8 @@ class SAL(Router):
 
         def finish_time(i: int) -> float:
             r = replicas[i]
-            return (r.outstanding_work + r.request_work(request.prompt_tokens, request.predicted_output_tokens)) / r.speed
+            work = r.outstanding_work + r.request_work(request.prompt_tokens, request.predicted_output_tokens)
+            return work / r.speed if self.speed_aware else work
 
         return self._least(candidates, finish_time)
 
