@@ -1,4 +1,4 @@
-"""The ``rankserve`` command: simulate, sweep, serve, label, train, eval, bench, bench-report.
+"""The ``rankserve`` command: simulate, sweep, serve, label, train, eval, bench, bench-report, gateway, route.
 
 A bad flag value ends in one line naming the flag (argparse's usual ``error: argument --flag:``),
 never a traceback.
@@ -20,6 +20,7 @@ from rankserve.bench.report import markdown_table, plot_latency_vs_rate, summary
 from rankserve.bench.workloads import ARRIVAL_FORMS, LENGTH_FORMS, arrival_times, sample_lengths
 from rankserve.cli.bench import add_bench_commands
 from rankserve.cli.learn import add_label_command, add_train_commands
+from rankserve.cli.route import add_route_commands
 from rankserve.core.policies import POLICY_NAMES
 from rankserve.predict import LEARNED_NAMES, PREDICTOR_NAMES
 from rankserve.route.load import ReplicaLoad
@@ -191,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_commands(sub, _checked(_positive_int))
     add_bench_commands(sub, {"positive_int": _checked(_positive_int), "rate": _checked(_rate),
                              "rates": _checked(_rates)})
+    add_route_commands(sub, _checked, {"port": _port, "positive_int": _positive_int, "non_negative": _non_negative})
     return parser
 
 

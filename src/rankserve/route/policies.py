@@ -128,7 +128,7 @@ class LeastKV(Router):
 
 
 class SAL(Router):
-    """Least predicted outstanding work, memory-aware (see the module docstring; docs/RESULTS.md section 5
+    """Least predicted outstanding work, memory-aware (see the module docstring; docs/RESULTS.md section 6
     says how it reads Kossmann et al. and what is ours)."""
 
     name = "sal"
