@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from rankserve.core.policies.base import Policy
+from rankserve.core.policies.work import check_prefill_weight, prefill_left
 from rankserve.core.request import Request
 
 
@@ -17,7 +18,9 @@ class SRPT(Policy):
     """Shortest (predicted) remaining processing time first, preemptive.
 
     The remaining estimate counts down as tokens are generated and follows refinements from
-    per-step predictors. Preempted requests keep their KV cache while memory allows.
+    per-step predictors. Preempted requests keep their KV cache while memory allows. With
+    ``prefill_weight`` > 0 the prompt tokens still to prefill count too, each as that many decode
+    steps (``core/policies/work.py``).
     """
 
     name = "srpt"
@@ -25,5 +28,15 @@ class SRPT(Policy):
     preemptive = True
     needs_lengths = True
 
+    def __init__(self, prefill_weight: float = 0.0) -> None:
+        self.prefill_weight = check_prefill_weight(prefill_weight)
+
+    def work(self, req: Request) -> float:
+        """Predicted remaining work in decode steps."""
+        return remaining(req) + self.prefill_weight * prefill_left(req)
+
     def key(self, req: Request) -> tuple:
-        return (remaining(req), req.arrival_time, req.seq)
+        return (self.work(req), req.arrival_time, req.seq)
+
+    def describe(self) -> str:
+        return f"srpt (prefill weight {self.prefill_weight:g})" if self.prefill_weight else self.name

@@ -1,0 +1,84 @@
+"""A request's predicted remaining work, in decode steps, for policies that order by length.
+
+Work = tokens still to prefill x ``prefill_weight`` + predicted decode steps still to come.
+``prefill_weight`` is what one prefill token costs against one request's share of a decode step
+(the simulator reads it off its cost model; on this project's CPU engine it is about 0.2, so a
+400-token prompt weighs as much as 80 tokens of output). With 0 the work is the output length alone.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+
+from rankserve.core.request import Request
+
+
+def prefill_left(req: Request) -> int:
+    """Tokens ``req`` still has to prefill (0 once it is decoding: one token per step left)."""
+    left = req.num_tokens - req.num_computed_tokens
+    return left if left > 1 else 0
+
+
+def remaining_work(req: Request, predicted_total: float, prefill_weight: float) -> float:
+    """Decode steps still to come (at least one) plus the weighted prefill still to do."""
+    decode = max(predicted_total - req.num_output_tokens, 1.0)
+    return decode + prefill_weight * prefill_left(req)
+
+
+def check_prefill_weight(prefill_weight: float) -> float:
+    if not (math.isfinite(prefill_weight) and prefill_weight >= 0):
+        raise ValueError(f"prefill_weight must be a finite number >= 0, got {prefill_weight}")
+    return float(prefill_weight)
+
+
+class ScoreCalibration:
+    """Rank scores turned into output lengths by matching quantiles: a score at the q-quantile of
+    the scores seen maps to the q-quantile of the output lengths of finished requests. Monotone, so
+    it keeps the predictor's order; it gives the lengths a rank-only predictor lacks."""
+
+    def __init__(self, min_samples: int = 32) -> None:
+        if min_samples < 1:
+            raise ValueError(f"min_samples must be >= 1, got {min_samples}")
+        self.min_samples = min_samples
+        self._scores: list[float] = []
+        self._lengths: list[int] = []
+
+    @property
+    def ready(self) -> bool:
+        return len(self._lengths) >= self.min_samples
+
+    def add_score(self, score: float) -> None:
+        bisect.insort(self._scores, score)
+
+    def add_length(self, length: int) -> None:
+        bisect.insort(self._lengths, length)
+
+    def length_for(self, score: float) -> float:
+        quantile = bisect.bisect_left(self._scores, score) / max(len(self._scores), 1)
+        return float(self._lengths[min(int(quantile * len(self._lengths)), len(self._lengths) - 1)])
+
+
+class ErrorSpread:
+    """Running standard deviation of log(true length / predicted length) over finished requests:
+    how far the predictor is to be trusted (0 for the oracle, ~1 for one that guesses)."""
+
+    def __init__(self, prior: float = 1.0, min_samples: int = 16) -> None:
+        self.prior = prior
+        self.min_samples = min_samples
+        self._n = 0
+        self._mean = 0.0
+        self._m2 = 0.0
+
+    def add(self, true_len: int, predicted: float) -> None:
+        x = math.log(max(true_len, 1) / max(predicted, 1.0))
+        self._n += 1
+        delta = x - self._mean
+        self._mean += delta / self._n
+        self._m2 += delta * (x - self._mean)
+
+    @property
+    def sigma(self) -> float:
+        if self._n < self.min_samples:
+            return self.prior
+        return math.sqrt(self._m2 / (self._n - 1))
