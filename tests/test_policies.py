@@ -264,8 +264,8 @@ def _add_scored(h: Harness, out_len: int, score: float, name: str, prompt: int =
 
 def test_ltr_preempts_only_when_the_work_gap_pays_for_the_preemption():
     # Nothing has finished, so the error spread is its prior (1.0): a newcomer must be predicted
-    # exp(sqrt(2)) = 4.1x shorter than what the running request has left.
-    policy = LearningToRank(starvation_prevention=False)
+    # exp(sqrt(2)) = 4.1x shorter than what the running request has left (ranked by work alone).
+    policy = LearningToRank(starvation_prevention=False, length_exponent=0)
     assert policy.preemption_factor() == pytest.approx(math.exp(math.sqrt(2)))
     h = Harness(policy)
     a = h.add(40, pred=40, name="a")
@@ -280,7 +280,7 @@ def test_ltr_preempts_only_when_the_work_gap_pays_for_the_preemption():
 
 
 def test_ltr_margin_shrinks_to_srpt_when_predictions_prove_exact():
-    policy = LearningToRank(starvation_prevention=False)
+    policy = LearningToRank(starvation_prevention=False, length_exponent=0)
     h = Harness(policy, max_num_seqs=4)
     for n in range(1, 21):
         h.add(n, pred=n)

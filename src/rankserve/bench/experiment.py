@@ -147,7 +147,7 @@ def simulate_trace(spec: SimSpec, lengths: np.ndarray, arrivals: np.ndarray, tex
     ``lengths`` rows of (prompt, output) tokens, arrival times in seconds, and the prompts' texts
     for predictors that read them (trained on ``labels``, served or reference)."""
     cost = get_cost_model(spec.hardware)
-    policy = make_sim_policy(spec.policy, cost, **spec.policy_params)
+    policy = make_sim_policy(spec.policy, cost, spec.max_num_seqs, **spec.policy_params)
     predictor = None
     if spec.predictor is not None and policy.needs_prediction:
         predictor = make_predictor(

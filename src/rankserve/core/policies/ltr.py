@@ -10,6 +10,7 @@ from rankserve.core.policies.work import (
     ErrorSpread,
     ScoreCalibration,
     check_prefill_weight,
+    rank_value,
     remaining_work,
 )
 from rankserve.core.request import FinishReason, Request
@@ -20,13 +21,15 @@ class LearningToRank(Policy):
     to predictor error so that it does not lose to FCFS with a weak predictor.
 
     Order: predicted remaining work (``core/policies/work.py``: prefill still to do weighted by
-    ``prefill_weight``, plus predicted decode steps left). Lengths come from the predictor, or, for a
+    ``prefill_weight``, plus predicted decode steps left) times the predicted output length to the
+    ``length_exponent``: 0 is shortest work first (best mean latency), 1 Smith's rule for mean
+    latency per token (a request weighs 1 / its length); 0.5, the default, does well on both. Lengths come from the predictor, or, for a
     rank-only one, from its scores mapped onto the lengths of finished requests (until
     ``min_calibration`` have finished, plain score order and no preemption by rank).
 
     Preemption pays for itself or does not happen: a queued request displaces a running one only if
-    the victim's predicted remaining work exceeds the newcomer's by the factor
-    ``exp(confidence_z * sqrt(2) * sigma)``, sigma being the measured spread of log(true / predicted
+    the victim's rank exceeds the newcomer's by the factor
+    ``exp(confidence_z * sqrt(2) * sigma * (1 + length_exponent))``, sigma being the measured spread of log(true / predicted
     length) over finished requests (the oracle: 0, i.e. SRPT; a guessing predictor: ~3x), plus
     ``margin_steps``; and only while the victim has generated at most ``preempt_limit`` times its
     predicted length (TRAIL's limited preemption: later its KV cache is large and it runs to the end).
@@ -39,6 +42,7 @@ class LearningToRank(Policy):
     """
 
     name = "ltr"
+    prefill_aware = True
     needs_prediction = True
     preemptive = True
 
@@ -53,14 +57,15 @@ class LearningToRank(Policy):
         margin_steps: float = 0.0,
         preempt_limit: float = 1.0,
         prefill_weight: float = 0.0,
+        length_exponent: float = 0.5,
         min_calibration: int = 32,
     ) -> None:
         if starvation_threshold < 1 or boost_quantum < 0:
             raise ValueError("starvation_threshold must be >= 1 and boost_quantum >= 0")
         if backlog_factor < 0 or not 0 < boost_share <= 1:
             raise ValueError("backlog_factor must be >= 0 and boost_share in (0, 1]")
-        if confidence_z < 0 or margin_steps < 0 or preempt_limit < 0:
-            raise ValueError("confidence_z, margin_steps and preempt_limit must be >= 0")
+        if min(confidence_z, margin_steps, preempt_limit, length_exponent) < 0:
+            raise ValueError("confidence_z, margin_steps, preempt_limit and length_exponent must be >= 0")
         self.starvation_threshold = starvation_threshold
         self.boost_quantum = boost_quantum
         self.starvation_prevention = starvation_prevention
@@ -70,6 +75,7 @@ class LearningToRank(Policy):
         self.margin_steps = margin_steps
         self.preempt_limit = preempt_limit
         self.prefill_weight = check_prefill_weight(prefill_weight)
+        self.length_exponent = length_exponent
         self.calibration = ScoreCalibration(min_calibration)
         self.errors = ErrorSpread()
         self._boosted: dict[int, list] = {}  # seq -> [request, tokens left in the boost (None: to the end)]
@@ -77,7 +83,7 @@ class LearningToRank(Policy):
         # finding the starving ones costs O(log n) per request, not a scan of the queue per step.
         self._idle_since: list[tuple[int, int, Request]] = []
         # Queued requests and their work (frozen while queued: the heap's keys must not move).
-        self._queued: dict[int, tuple[Request, float | None]] = {}
+        self._queued: dict[int, tuple[Request, tuple[float, float] | None]] = {}
         self._queued_work = 0.0
         self._first_prediction: dict[int, float | None] = {}  # seq -> predicted length when first queued
         self._batch = 1  # the largest batch seen: what the boost share is a share of
@@ -93,27 +99,45 @@ class LearningToRank(Policy):
             return self.calibration.length_for(_score(req))
         return None
 
-    def work(self, req: Request) -> float | None:
-        """Predicted remaining work in decode steps (frozen while ``req`` is queued)."""
-        if req.status.is_queued and req.seq in self._queued:
-            return self._queued[req.seq][1]
+    def _estimate(self, req: Request) -> tuple[float, float] | None:
+        """(predicted remaining work, rank) from the current predictions; None without lengths."""
         total = self.predicted_total(req)
-        return None if total is None else remaining_work(req, total, self.prefill_weight)
+        if total is None:
+            return None
+        work = remaining_work(req, total, self.prefill_weight)
+        return work, rank_value(work, total, self.length_exponent)
+
+    def _current(self, req: Request) -> tuple[float, float] | None:
+        if req.status.is_queued and req.seq in self._queued:
+            return self._queued[req.seq][1]  # frozen while queued
+        return self._estimate(req)
+
+    def work(self, req: Request) -> float | None:
+        """Predicted remaining work in decode steps."""
+        estimate = self._current(req)
+        return None if estimate is None else estimate[0]
+
+    def rank(self, req: Request) -> float | None:
+        """What the order compares: remaining work x predicted length ** ``length_exponent``."""
+        estimate = self._current(req)
+        return None if estimate is None else estimate[1]
 
     def key(self, req: Request) -> tuple:
         boost = 0 if req.seq in self._boosted else 1
-        work = self.work(req)
-        if work is None:
+        rank = self.rank(req)
+        if rank is None:
             return (boost, _score(req), req.seq)
-        return (boost, work, req.seq)
+        return (boost, rank, req.seq)
 
     def is_boosted(self, req: Request) -> bool:
         return req.seq in self._boosted
 
     # ---- preemption ----------------------------------------------------------------------
     def preemption_factor(self) -> float:
-        """How many times the newcomer's work a victim's remaining work must be to be displaced."""
-        return math.exp(self.confidence_z * math.sqrt(2.0) * self.errors.sigma)
+        """How many times the newcomer's rank a victim's must be for it to be displaced: the
+        spread of two predictions' log ratio, in rank units (rank ~ length ** (1 + exponent))."""
+        spread = math.sqrt(2.0) * self.errors.sigma * (1.0 + self.length_exponent)
+        return math.exp(self.confidence_z * spread)
 
     def may_be_preempted(self, req: Request) -> bool:
         if req.seq in self._boosted:
@@ -124,10 +148,10 @@ class LearningToRank(Policy):
     def should_preempt(self, victim: Request, candidate: Request) -> bool:
         if candidate.seq in self._boosted:
             return victim.seq not in self._boosted
-        victim_work, candidate_work = self.work(victim), self.work(candidate)
-        if victim_work is None or candidate_work is None:
+        victim_rank, candidate_rank = self.rank(victim), self.rank(candidate)
+        if victim_rank is None or candidate_rank is None:
             return False  # cannot cost it: do not pay for it
-        return victim_work > candidate_work * self.preemption_factor() + self.margin_steps
+        return victim_rank > candidate_rank * self.preemption_factor() + self.margin_steps
 
     # ---- bookkeeping ---------------------------------------------------------------------
     def on_enqueue(self, req: Request, step: int) -> None:
@@ -141,17 +165,15 @@ class LearningToRank(Policy):
 
     def _freeze_work(self, req: Request) -> None:
         self._forget_queued(req)
-        work = None
-        total = self.predicted_total(req)
-        if total is not None:
-            work = remaining_work(req, total, self.prefill_weight)
-            self._queued_work += work
-        self._queued[req.seq] = (req, work)
+        estimate = self._estimate(req)
+        if estimate is not None:
+            self._queued_work += estimate[0]
+        self._queued[req.seq] = (req, estimate)
 
     def _forget_queued(self, req: Request) -> None:
         entry = self._queued.pop(req.seq, None)
         if entry is not None and entry[1] is not None:
-            self._queued_work -= entry[1]
+            self._queued_work -= entry[1][0]
 
     def starvation_limit(self) -> float:
         """Idle steps after which a queued request counts as starving."""

@@ -24,6 +24,7 @@ class SRPT(Policy):
     """
 
     name = "srpt"
+    prefill_aware = True
     needs_prediction = True
     preemptive = True
     needs_lengths = True

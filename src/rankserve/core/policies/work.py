@@ -26,6 +26,13 @@ def remaining_work(req: Request, predicted_total: float, prefill_weight: float) 
     return decode + prefill_weight * prefill_left(req)
 
 
+def rank_value(work: float, predicted_total: float, length_exponent: float) -> float:
+    """Work x predicted output length ** ``length_exponent``: the order of policies that rank by
+    work. 0 puts the least work first (mean latency); 1 is Smith's rule for mean latency per token,
+    each request weighted by 1 / its length, so a long prompt with a short answer is not last."""
+    return work * max(predicted_total, 1.0) ** length_exponent
+
+
 def check_prefill_weight(prefill_weight: float) -> float:
     if not (math.isfinite(prefill_weight) and prefill_weight >= 0):
         raise ValueError(f"prefill_weight must be a finite number >= 0, got {prefill_weight}")
