@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 from dataclasses import replace
 from pathlib import Path
+
+from engine_throughput import cpu_model
 
 from rankserve.bench.experiment import SimSpec, parse_system, run_grid
 
@@ -31,17 +31,6 @@ SETUPS = {
                        "burst": 2000, "poisson": 2000},
 }
 METRICS = ("mean_latency_s", "mean_latency_per_token_s")
-
-
-def cpu_model() -> str:
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-    except OSError:
-        return platform.processor() or "unknown"
-    for line in text.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 def base_spec(hardware: str, sigma: float, seed: int) -> SimSpec:
