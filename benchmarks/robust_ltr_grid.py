@@ -101,25 +101,28 @@ def plot(rows: list[dict], path: Path, args: argparse.Namespace) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.colors import TwoSlopeNorm
 
     panels = [(h, load) for h in args.hardware for load in args.loads]
     fig, axes = plt.subplots(len(args.hardware), len(args.loads), figsize=(3.6 * len(args.loads),
-                             3.2 * len(args.hardware)), squeeze=False)
+                             3.6 * len(args.hardware)), squeeze=False, constrained_layout=True)
     for ax, (hardware, load) in zip(axes.flat, panels):
         grid = np.full((len(args.sigmas), len(args.taus)), np.nan)
         for r in rows:
             if r["hardware"] == hardware and r["load"] == load:
                 grid[args.sigmas.index(r["sigma"]), args.taus.index(r["tau"])] = r["worst"]
-        image = ax.imshow(grid, cmap="RdYlGn_r", vmin=0.2, vmax=1.2, origin="lower")
+        # Parity with FCFS is the neutral colour: green better, red worse.
+        image = ax.imshow(grid, cmap="RdYlGn_r", norm=TwoSlopeNorm(1.0, 0.2, 1.3), origin="lower")
         for (i, j), value in np.ndenumerate(grid):
             ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8)
         ax.set_xticks(range(len(args.taus)), [f"{t:g}" for t in args.taus])
         ax.set_yticks(range(len(args.sigmas)), [f"{s:g}" for s in args.sigmas])
         ax.set_xlabel("predictor tau")
-        ax.set_ylabel("length sigma")
+        if ax in axes[:, 0]:
+            ax.set_ylabel("length sigma")
         name = "burst" if load == "burst" else f"Poisson {float(load):.0%} of capacity"
         ax.set_title(f"{hardware}\n{name}", fontsize=9)
-    fig.colorbar(image, ax=axes, shrink=0.6, label=f"{args.system} / fcfs, worse of mean latency and per token")
+    fig.colorbar(image, ax=axes, shrink=0.6, label=f"{args.system} / fcfs, the worse of mean latency and per token")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")
 

@@ -16,10 +16,11 @@ class TRAIL(SRPT):
 
     name = "trail"
 
-    def __init__(self, c: float = 0.8, margin: float = 0.0, prefill_weight: float = 0.0) -> None:
+    def __init__(self, c: float = 0.8, margin: float = 0.0, prefill_weight: float = 0.0,
+                 length_exponent: float = 0.5) -> None:
         if c < 0 or margin < 0:
             raise ValueError("trail needs c >= 0 and margin >= 0")
-        super().__init__(prefill_weight)
+        super().__init__(prefill_weight, length_exponent)
         self.c = c
         self.margin = margin
 
