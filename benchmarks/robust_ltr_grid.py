@@ -143,7 +143,15 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("out/robust_ltr_grid"))
     parser.add_argument("--plot", type=Path, default=None, help="heatmap PNG")
+    parser.add_argument("--from-json", type=Path, default=None,
+                        help="a grid.json of an earlier run: print and plot it, run nothing")
     args = parser.parse_args()
+    if args.from_json is not None:
+        rows = json.loads(args.from_json.read_text())["rows"]
+        print_table(rows, args.system)
+        if args.plot is not None:
+            plot(rows, args.plot, args)
+        return
     for load in args.loads:
         if load != "burst":
             try:
