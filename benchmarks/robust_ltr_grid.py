@@ -3,12 +3,14 @@
     python benchmarks/robust_ltr_grid.py [--hardware cpu-smollm2-135m a100-llama3-8b]
         [--sigmas 0.3,0.6,0.9,1.5] [--taus 0.2,0.45,0.7,0.9] [--loads burst,0.8,1.2]
         [--system ltr] [--out out/robust_ltr_grid] [--plot docs/img/robust-ltr-grid.png]
+        [--from-json out/robust_ltr_grid/grid.json]
 
 For each hardware preset and log-normal sigma, FCFS first serves a burst; its completion rate
-while the batch is full is the capacity, and the Poisson loads are fractions of it. Then ``--system`` with the noisy oracle at
-each Kendall's tau serves the same requests (same seed). Prints, per cell, ``--system``'s mean
-latency and mean latency per token as ratios to FCFS's (above 1 = worse than FCFS), writes every
-record as JSON and, with ``--plot``, a heatmap of the worse of the two ratios.
+while the batch is full is the capacity, and the Poisson loads are fractions of it. Then
+``--system`` with the noisy oracle at each Kendall's tau serves the same requests (same seed).
+Prints, per cell, ``--system``'s mean latency and mean latency per token as ratios to FCFS's
+(above 1 = worse than FCFS), writes every record as JSON and, with ``--plot``, a heatmap of the
+worse of the two ratios.
 """
 
 from __future__ import annotations

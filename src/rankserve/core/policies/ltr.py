@@ -9,6 +9,7 @@ from rankserve.core.policies.sjf import _score
 from rankserve.core.policies.work import (
     ErrorSpread,
     ScoreCalibration,
+    check_length_exponent,
     check_prefill_weight,
     rank_value,
     remaining_work,
@@ -22,17 +23,17 @@ class LearningToRank(Policy):
 
     Order: predicted remaining work (``core/policies/work.py``: prefill still to do weighted by
     ``prefill_weight``, plus predicted decode steps left) times the predicted output length to the
-    ``length_exponent``: 0 is shortest work first (best mean latency), 1 Smith's rule for mean
-    latency per token (a request weighs 1 / its length); 0.5, the default, does well on both. Lengths come from the predictor, or, for a
-    rank-only one, from its scores mapped onto the lengths of finished requests (until
-    ``min_calibration`` have finished, plain score order and no preemption by rank).
+    ``length_exponent``: 0 is least work first (best mean latency), 1 Smith's rule for mean latency
+    per token (a request weighs 1 / its length); 0.5, the default, does well on both. Lengths come
+    from the predictor or, for a rank-only one, from its scores mapped onto the lengths of finished
+    requests (until ``min_calibration`` have finished: plain score order, no preemption by rank).
 
     Preemption pays for itself or does not happen: a queued request displaces a running one only if
-    the victim's rank exceeds the newcomer's by the factor
-    ``exp(confidence_z * sqrt(2) * sigma * (1 + length_exponent))``, sigma being the measured spread of log(true / predicted
-    length) over finished requests (the oracle: 0, i.e. SRPT; a guessing predictor: ~3x), plus
+    the victim's rank exceeds the newcomer's by ``exp(confidence_z * sqrt(2) * sigma * (1 +
+    length_exponent))``, sigma being the measured spread of log(true / predicted length) over
+    finished requests (the oracle: 0, i.e. SRPT; a guessing predictor: several times), plus
     ``margin_steps``; and only while the victim has generated at most ``preempt_limit`` times its
-    predicted length (TRAIL's limited preemption: later its KV cache is large and it runs to the end).
+    predicted length (TRAIL's limited preemption: later its KV cache is large; it runs to the end).
 
     Starvation prevention, bounded: a request idle for more than ``starvation_threshold`` steps and
     more than ``backlog_factor`` x the steps the queue's predicted work takes to drain is boosted to
@@ -64,8 +65,8 @@ class LearningToRank(Policy):
             raise ValueError("starvation_threshold must be >= 1 and boost_quantum >= 0")
         if backlog_factor < 0 or not 0 < boost_share <= 1:
             raise ValueError("backlog_factor must be >= 0 and boost_share in (0, 1]")
-        if min(confidence_z, margin_steps, preempt_limit, length_exponent) < 0:
-            raise ValueError("confidence_z, margin_steps, preempt_limit and length_exponent must be >= 0")
+        if min(confidence_z, margin_steps, preempt_limit) < 0:
+            raise ValueError("confidence_z, margin_steps and preempt_limit must be >= 0")
         self.starvation_threshold = starvation_threshold
         self.boost_quantum = boost_quantum
         self.starvation_prevention = starvation_prevention
@@ -75,7 +76,7 @@ class LearningToRank(Policy):
         self.margin_steps = margin_steps
         self.preempt_limit = preempt_limit
         self.prefill_weight = check_prefill_weight(prefill_weight)
-        self.length_exponent = length_exponent
+        self.length_exponent = check_length_exponent(length_exponent)
         self.calibration = ScoreCalibration(min_calibration)
         self.errors = ErrorSpread()
         self._boosted: dict[int, list] = {}  # seq -> [request, tokens left in the boost (None: to the end)]

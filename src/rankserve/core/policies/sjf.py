@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from rankserve.core.policies.base import Policy
-from rankserve.core.policies.work import check_prefill_weight, rank_value, remaining_work
+from rankserve.core.policies.work import check_length_exponent, check_prefill_weight, rank_value, remaining_work
 from rankserve.core.request import Request
 
 
@@ -22,10 +22,8 @@ class SJF(Policy):
     needs_prediction = True
 
     def __init__(self, prefill_weight: float = 0.0, length_exponent: float = 0.5) -> None:
-        if length_exponent < 0:
-            raise ValueError(f"length_exponent must be >= 0, got {length_exponent}")
         self.prefill_weight = check_prefill_weight(prefill_weight)
-        self.length_exponent = length_exponent
+        self.length_exponent = check_length_exponent(length_exponent)
 
     def key(self, req: Request) -> tuple:
         score = _score(req)

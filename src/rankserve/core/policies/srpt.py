@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from rankserve.core.policies.base import Policy
-from rankserve.core.policies.work import check_prefill_weight, prefill_left, rank_value
+from rankserve.core.policies.work import check_length_exponent, check_prefill_weight, prefill_left, rank_value
 from rankserve.core.request import Request
 
 
@@ -31,10 +31,8 @@ class SRPT(Policy):
     needs_lengths = True
 
     def __init__(self, prefill_weight: float = 0.0, length_exponent: float = 0.5) -> None:
-        if length_exponent < 0:
-            raise ValueError(f"length_exponent must be >= 0, got {length_exponent}")
         self.prefill_weight = check_prefill_weight(prefill_weight)
-        self.length_exponent = length_exponent
+        self.length_exponent = check_length_exponent(length_exponent)
 
     def work(self, req: Request) -> float:
         """Predicted remaining work in decode steps."""

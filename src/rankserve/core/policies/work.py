@@ -39,6 +39,12 @@ def check_prefill_weight(prefill_weight: float) -> float:
     return float(prefill_weight)
 
 
+def check_length_exponent(length_exponent: float) -> float:
+    if not (math.isfinite(length_exponent) and length_exponent >= 0):
+        raise ValueError(f"length_exponent must be a finite number >= 0, got {length_exponent}")
+    return float(length_exponent)
+
+
 class ScoreCalibration:
     """Rank scores turned into output lengths by matching quantiles: a score at the q-quantile of
     the scores seen maps to the q-quantile of the output lengths of finished requests. Monotone, so
