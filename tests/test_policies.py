@@ -369,6 +369,15 @@ def test_score_calibration_matches_quantiles():
     assert [cal.length_for(s) for s in (-5.0, -1.0, 0.5, 4.0, 9.0)] == [10, 10, 100, 1000, 1000]
 
 
+def test_score_calibration_keeps_a_bounded_window_of_the_latest():
+    cal = ScoreCalibration(min_samples=2, window=3)
+    for length in (1000, 2000, 3000, 10, 20, 30):  # the first three fall out of the window
+        cal.add_length(length)
+    for score in (1.0, 2.0, 3.0):
+        cal.add_score(score)
+    assert [cal.length_for(s) for s in (1.0, 2.0, 3.0)] == [10, 20, 30]
+
+
 @pytest.mark.parametrize("name", ["sjf", "srpt", "ltr"])
 def test_prefill_aware_policies_rank_by_predicted_work(name):
     # a: 40 prompt tokens + 5 output; b: 4 + 10. By output length a is shorter; at 0.5 decode steps

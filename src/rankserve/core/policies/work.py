@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import math
+from collections import deque
 
 from rankserve.core.request import Request
 
@@ -45,31 +46,47 @@ def check_length_exponent(length_exponent: float) -> float:
     return float(length_exponent)
 
 
+class _RecentSorted:
+    """The last ``capacity`` values added, kept sorted (a server runs for ever: bounded memory)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.values: list[float] = []
+        self._order: deque[float] = deque()
+
+    def add(self, value: float) -> None:
+        bisect.insort(self.values, value)
+        self._order.append(value)
+        if len(self._order) > self.capacity:
+            del self.values[bisect.bisect_left(self.values, self._order.popleft())]
+
+
 class ScoreCalibration:
     """Rank scores turned into output lengths by matching quantiles: a score at the q-quantile of
-    the scores seen maps to the q-quantile of the output lengths of finished requests. Monotone, so
-    it keeps the predictor's order; it gives the lengths a rank-only predictor lacks."""
+    the recent scores maps to the q-quantile of the recent finished requests' output lengths.
+    Monotone, so it keeps the predictor's order; it gives the lengths a rank-only predictor lacks."""
 
-    def __init__(self, min_samples: int = 32) -> None:
-        if min_samples < 1:
-            raise ValueError(f"min_samples must be >= 1, got {min_samples}")
+    def __init__(self, min_samples: int = 32, window: int = 4096) -> None:
+        if not 1 <= min_samples <= window:
+            raise ValueError(f"need 1 <= min_samples <= window, got {min_samples} and {window}")
         self.min_samples = min_samples
-        self._scores: list[float] = []
-        self._lengths: list[int] = []
+        self._scores = _RecentSorted(window)
+        self._lengths = _RecentSorted(window)
 
     @property
     def ready(self) -> bool:
-        return len(self._lengths) >= self.min_samples
+        return len(self._lengths.values) >= self.min_samples
 
     def add_score(self, score: float) -> None:
-        bisect.insort(self._scores, score)
+        self._scores.add(score)
 
     def add_length(self, length: int) -> None:
-        bisect.insort(self._lengths, length)
+        self._lengths.add(length)
 
     def length_for(self, score: float) -> float:
-        quantile = bisect.bisect_left(self._scores, score) / max(len(self._scores), 1)
-        return float(self._lengths[min(int(quantile * len(self._lengths)), len(self._lengths) - 1)])
+        scores, lengths = self._scores.values, self._lengths.values
+        quantile = bisect.bisect_left(scores, score) / max(len(scores), 1)
+        return float(lengths[min(int(quantile * len(lengths)), len(lengths) - 1)])
 
 
 class ErrorSpread:
