@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from helpers import Harness, ran
 
-from rankserve.core import RequestStatus, make_policy
+from rankserve.core import Request, RequestStatus, SamplingParams, make_policy
 from rankserve.core.policies import LearningToRank
+from rankserve.core.policies.work import ScoreCalibration
 
 
 def test_fcfs_runs_in_arrival_order_and_never_preempts():
@@ -68,7 +71,8 @@ def test_srpt_preempts_only_when_the_newcomer_has_less_remaining():
 
 
 def test_ltr_ranks_by_score_and_boosts_a_starving_request():
-    policy = LearningToRank(starvation_threshold=3, boost_quantum=2)
+    # The paper's rule: a fixed threshold (backlog_factor 0), any running request preemptible.
+    policy = LearningToRank(starvation_threshold=3, boost_quantum=2, backlog_factor=0, preempt_limit=1e9)
     h = Harness(policy)
     long = h.add(50, pred=100, name="long")
     h.step()  # long runs (prefill + first token)
@@ -244,3 +248,151 @@ def test_unknown_policy_and_bad_parameters():
         make_policy("lottery")
     with pytest.raises(ValueError, match="bad parameters"):
         make_policy("ltr", c=0.8)
+
+
+# ---- ltr made robust to predictor error (issue 17) ---------------------------------------------
+
+
+def _add_scored(h: Harness, out_len: int, score: float, name: str, prompt: int = 4) -> Request:
+    """A request with a rank score only (a ranker's prediction: no length)."""
+    req = Request(list(range(prompt)), SamplingParams(max_tokens=out_len, ignore_eos=True),
+                  arrival_time=h.clock.now(), request_id=name)
+    req.score = score
+    h.sched.add_request(req)
+    return req
+
+
+def test_ltr_preempts_only_when_the_work_gap_pays_for_the_preemption():
+    # Nothing has finished, so the error spread is its prior (1.0): a newcomer must be predicted
+    # exp(sqrt(2)) = 4.1x shorter than what the running request has left (ranked by work alone).
+    policy = LearningToRank(starvation_prevention=False, length_exponent=0)
+    assert policy.preemption_factor() == pytest.approx(math.exp(math.sqrt(2)))
+    h = Harness(policy)
+    a = h.add(40, pred=40, name="a")
+    h.step()
+    h.step()  # 38 left
+    h.add(10, pred=10, name="b")  # 38 < 10 x 4.1: below the margin
+    out = h.step()
+    assert ran(out) == ["a"] and not out.preempted
+    h.add(5, pred=5, name="c")  # 37 > 5 x 4.1: above it
+    out = h.step()
+    assert ran(out) == ["c"] and out.preempted == [a]
+
+
+def test_ltr_margin_shrinks_to_srpt_when_predictions_prove_exact():
+    policy = LearningToRank(starvation_prevention=False, length_exponent=0)
+    h = Harness(policy, max_num_seqs=4)
+    for n in range(1, 21):
+        h.add(n, pred=n)
+    h.run_until_idle()
+    assert policy.preemption_factor() == pytest.approx(1.0)
+    h = Harness(policy)  # the same policy, one slot
+    a = h.add(40, pred=40, name="a")
+    h.step()
+    h.step()  # 38 left
+    h.add(38, pred=38, name="b")  # not shorter: keeps its place
+    out = h.step()
+    assert ran(out) == ["a"] and not out.preempted
+    h.add(36, pred=36, name="c")  # 36 < a's 37 left: with exact predictions that pays
+    out = h.step()
+    assert ran(out) == ["c"] and out.preempted == [a]
+
+
+def test_ltr_boosts_at_most_its_share_of_the_batch():
+    policy = LearningToRank(starvation_threshold=2, backlog_factor=0, boost_share=0.5, boost_quantum=0,
+                            preempt_limit=1e9)
+    h = Harness(policy, max_num_seqs=4)
+    for i in range(4):
+        h.add(30, pred=1, name=f"run{i}")  # predicted short: they take the batch first
+    waiting = [h.add(5, pred=100, name=f"wait{i}") for i in range(8)]
+    most = 0
+    while h.sched.has_work:
+        out = h.step()
+        boosted = [r for r in waiting if policy.is_boosted(r)]
+        assert len(boosted) <= 2
+        assert sum(policy.is_boosted(r) for r in out.requests) <= 2
+        most = max(most, len(boosted))
+    assert most == 2  # the bound was reached, not just respected by idling
+    assert all(r.status is RequestStatus.FINISHED for r in waiting)
+
+
+def test_ltr_starvation_threshold_follows_the_backlog():
+    policy = LearningToRank(starvation_threshold=3, backlog_factor=1.0)
+    h = Harness(policy)
+    h.add(50, pred=50, name="running")
+    h.step()
+    queued = [h.add(5, pred=20, name=f"q{i}") for i in range(3)]
+    h.step()  # 49 left < 4.1 x 20: no preemption
+    # 3 x 20 predicted steps queued, a batch of 1: 60 steps to drain; the floor is 3.
+    assert policy.starvation_limit() == pytest.approx(60)
+    for _ in range(20):
+        h.step()
+    assert not any(policy.is_boosted(r) for r in queued)  # 20 idle steps: under 60, not starving
+
+    fixed = LearningToRank(starvation_threshold=3, backlog_factor=0)
+    h2 = Harness(fixed)
+    h2.add(50, pred=50, name="running")
+    h2.step()
+    queued2 = [h2.add(5, pred=20, name=f"q{i}") for i in range(3)]
+    for _ in range(6):
+        h2.step()
+    assert any(fixed.is_boosted(r) or r.num_output_tokens for r in queued2)
+
+
+def test_ltr_with_a_rank_only_predictor_calibrates_scores_to_lengths():
+    policy = LearningToRank(starvation_prevention=False, min_calibration=2)
+    h = Harness(policy)
+    a = _add_scored(h, 3, score=3.0, name="a")
+    h.step()
+    _add_scored(h, 1, score=1.0, name="b")
+    out = h.step()
+    assert ran(out) == ["a"] and not out.preempted  # no lengths yet: it cannot cost a preemption
+    h.run_until_idle()
+    assert a.finish_reason is not None and policy.calibration.ready
+    # Scores seen 1, 3; lengths finished 1, 3. Queue three more at once: the lowest score runs.
+    c = _add_scored(h, 2, score=2.0, name="c")
+    d = _add_scored(h, 4, score=10.0, name="d")
+    assert ran(h.step()) == ["c"]
+    # d's work is its score's quantile among scores seen (1, 2, 3, 10 -> 3/4) in the lengths (1, 3).
+    assert policy.work(d) == pytest.approx(3.0)
+    h.run_until_idle()
+    assert c.status is d.status is RequestStatus.FINISHED
+
+
+def test_score_calibration_matches_quantiles():
+    cal = ScoreCalibration(min_samples=3)
+    for score in (-2.0, -1.0, 0.5, 4.0):
+        cal.add_score(score)
+    for length in (100, 10, 1000):
+        cal.add_length(length)
+    assert cal.ready
+    assert [cal.length_for(s) for s in (-5.0, -1.0, 0.5, 4.0, 9.0)] == [10, 10, 100, 1000, 1000]
+
+
+def test_score_calibration_keeps_a_bounded_window_of_the_latest():
+    cal = ScoreCalibration(min_samples=2, window=3)
+    for length in (1000, 2000, 3000, 10, 20, 30):  # the first three fall out of the window
+        cal.add_length(length)
+    for score in (1.0, 2.0, 3.0):
+        cal.add_score(score)
+    assert [cal.length_for(s) for s in (1.0, 2.0, 3.0)] == [10, 20, 30]
+
+
+@pytest.mark.parametrize("name", ["sjf", "srpt", "ltr"])
+def test_prefill_aware_policies_rank_by_predicted_work(name):
+    # a: 40 prompt tokens + 5 output; b: 4 + 10. By output length a is shorter; at 0.5 decode steps
+    # per prefill token a's work is 5 + 20 = 25 and b's 10 + 2 = 12.
+    for weight, first in ((0.0, "a"), (0.5, "b")):
+        h = Harness(make_policy(name, prefill_weight=weight))
+        h.add(2, pred=2, name="blocker")
+        h.step()
+        h.add(5, prompt=40, pred=5, name="a")
+        h.add(10, prompt=4, pred=10, name="b")
+        order = [r for o in h.run_until_idle() for r in ran(o)]
+        assert order[order.index("blocker") + 1] == first, (name, weight)
+
+
+def test_prefill_weight_must_be_a_finite_non_negative_number():
+    for name in ("sjf", "srpt", "trail", "ltr"):
+        with pytest.raises(ValueError, match="prefill_weight"):
+            make_policy(name, prefill_weight=-1.0)

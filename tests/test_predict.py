@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from scipy.stats import kendalltau
 
+from rankserve.bench.workloads import sample_workload
 from rankserve.core import Request, SamplingParams
 from rankserve.predict import make_predictor
 from rankserve.predict.oracle import noise_for_tau
@@ -65,3 +66,12 @@ def test_noisy_oracle_rejects_bad_targets():
         noise_for_tau(np.full(10, 7), 0.5)
     with pytest.raises(ValueError, match="unknown predictor"):
         make_predictor("crystal-ball")
+
+
+def test_noisy_oracle_is_calibrated_apart_from_a_workload_drawn_with_the_same_seed():
+    # A log-normal workload is exp of default_rng(seed)'s normals: calibration noise drawn from the
+    # same stream would be the lengths themselves, and tau would end near 0 whatever the target.
+    lengths, _ = sample_workload("lognormal:68:0.6", 2000, np.random.default_rng(0), prompt_len=100)
+    predictor = make_predictor("noisy", target_tau=0.45, seed=0, calibration_lengths=lengths[:, 1])
+    predictor.score(_requests(lengths[:, 1]))
+    assert predictor.report()["achieved_tau"] == pytest.approx(0.45, abs=0.03)

@@ -179,7 +179,7 @@ def simulate_trace(spec: SimSpec, lengths: np.ndarray, arrivals: np.ndarray, tex
     seconds, and the prompts' texts for predictors that read them (trained on ``labels``, served or
     reference). ``predictor`` overrides building ``spec.predictor``."""
     costs = [get_cost_model(name) for name in parse_hardware_list(spec.hardware, spec.replicas)]
-    policy = make_sim_policy(spec.policy, costs[0], **spec.policy_params)
+    policy = make_sim_policy(spec.policy, costs[0], spec.max_num_seqs, **spec.policy_params)
     if spec.uses_predictor and predictor is None:
         predictor = make_predictor(
             spec.predictor, spec.target_tau, spec.seed, calibration_lengths=lengths[:, 1], labels=labels
@@ -197,8 +197,9 @@ def simulate_trace(spec: SimSpec, lengths: np.ndarray, arrivals: np.ndarray, tex
     tracker = {k: v for k, v in spec.router_params.items() if k in TRACKER_PARAMS}
     router = make_router(spec.router, spec.seed,
                          **{k: v for k, v in spec.router_params.items() if k not in TRACKER_PARAMS})
-    result = simulate_cluster(requests, lambda cost: make_sim_policy(spec.policy, cost, **spec.policy_params),
-                              predictor, costs, config, router, spec.block_size, tracker)
+    result = simulate_cluster(
+        requests, lambda cost: make_sim_policy(spec.policy, cost, spec.max_num_seqs, **spec.policy_params),
+        predictor, costs, config, router, spec.block_size, tracker)
     return result, policy
 
 

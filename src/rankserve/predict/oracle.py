@@ -42,14 +42,20 @@ class PromptLengthPredictor(Predictor):
             req.set_prediction(float(req.prompt_len), float(req.prompt_len))
 
 
+_CALIBRATION_STREAM = 0x7A0  # any constant: keeps calibration draws apart from workload draws
+
+
 def noise_for_tau(lengths: np.ndarray, target_tau: float, seed: int = 0) -> float:
     """The sigma of log-normal noise on lengths that brings Kendall's tau to ``target_tau``.
 
     Bisection on sigma with fixed noise draws (tau falls as sigma grows), on at most 4,000 lengths.
+    The draws come from their own stream of ``seed``: a workload sampled from ``default_rng(seed)``
+    (a log-normal is exp of those very normals) would otherwise be the noise itself, tau would never
+    fall, and sigma would run to the bisection's upper end (tau ~ 0 in place of the target).
     """
     if not 0 < target_tau < 1:
         raise ValueError(f"target tau must be in (0, 1), got {target_tau}")
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng([seed, _CALIBRATION_STREAM])
     sample = np.asarray(lengths, float)
     if len(sample) > 4000:
         sample = rng.choice(sample, 4000, replace=False)

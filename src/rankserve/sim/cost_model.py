@@ -100,6 +100,15 @@ class CostModel(abc.ABC):
     _host_capacity: int
     _swap_s_per_token: float
 
+    def prefill_weight(self, batch: int, context: int = 256, chunk: int = 256) -> float:
+        """Decode steps one prefill token is worth: the time a prefill token adds to a step of
+        ``batch`` requests decoding at ``context`` tokens (prefilled in chunks of ``chunk``), over
+        one request's share of that step. Policies that order by predicted work read it."""
+        kv = batch * context
+        decode = self.step_time(0, batch, kv, kv, batch)
+        with_chunk = self.step_time(chunk, batch, kv + chunk, kv + chunk * chunk, batch + 1)
+        return (with_chunk - decode) / chunk / (decode / batch)
+
     def swap_time(self, num_blocks: int, block_size: int) -> float:
         """Seconds to copy ``num_blocks`` KV blocks of ``block_size`` tokens one way (device <-> host)."""
         return num_blocks * block_size * self._swap_s_per_token

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from rankserve.core.block_manager import BlockManager
 from rankserve.core.clock import VirtualClock
 from rankserve.core.metrics import summarize
-from rankserve.core.policies import Policy, make_policy
+from rankserve.core.policies import POLICIES, Policy, make_policy
 from rankserve.core.request import Request, SamplingParams
 from rankserve.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from rankserve.engine.core import EngineCore
@@ -71,10 +71,13 @@ def build_requests(
     ]
 
 
-def make_sim_policy(name: str, cost_model: CostModel, **params: Any) -> Policy:
-    """A policy for simulation; MLFQ's skip-join gets its prefill-time estimate from the cost model."""
+def make_sim_policy(name: str, cost_model: CostModel, max_num_seqs: int = 256, **params: Any) -> Policy:
+    """A policy for simulation; MLFQ's skip-join gets its prefill-time estimate from the cost model,
+    and policies that order by predicted work the cost of a prefill token in decode steps."""
     if name == "mlfq" and "prefill_time_estimate" not in params:
         params["prefill_time_estimate"] = lambda p: cost_model.step_time(p, 0, p, p * (p + 1) // 2, 1)
+    if POLICIES[name].prefill_aware and "prefill_weight" not in params:
+        params["prefill_weight"] = cost_model.prefill_weight(max_num_seqs)
     return make_policy(name, **params)
 
 

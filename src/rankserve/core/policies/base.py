@@ -22,6 +22,8 @@ class Policy:
     # or only a rank (``score``)?
     needs_prediction: ClassVar[bool] = False
     needs_lengths: ClassVar[bool] = False
+    # Does it take ``prefill_weight`` (decode steps per prefill token) to order by predicted work?
+    prefill_aware: ClassVar[bool] = False
 
     def key(self, req: Request) -> tuple:
         raise NotImplementedError
