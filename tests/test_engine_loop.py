@@ -18,21 +18,25 @@ from rankserve.core import (
     SchedulerConfig,
     make_policy,
 )
-from rankserve.engine import AsyncEngine, EngineCore, WallClock
+from rankserve.engine import ENGINE_ERROR, AsyncEngine, EngineCore, WallClock
 
 
 class CountingExecutor:
-    """Samples token (tokens so far + 1) % 50 for each request; can sleep or fail on demand."""
+    """Samples token (tokens so far + 1) % 50 for each request; can sleep or fail on demand: once
+    (``fail_next``), or on every step holding a request of ``poisoned`` (its ids)."""
 
     def __init__(self, delay_s: float = 0.0) -> None:
         self.delay_s = delay_s
         self.fail_next = False
+        self.poisoned: set[str] = set()
 
     def execute(self, out):
         time.sleep(self.delay_s)
         if self.fail_next:
             self.fail_next = False
             raise RuntimeError("device lost")
+        if any(r.request_id in self.poisoned for r in out.requests):
+            raise IndexError("index out of range in self")
         return [(r.num_output_tokens + 1) % 50 for r in out.requests]
 
     def hidden_states(self):
@@ -103,15 +107,38 @@ def test_client_disconnect_aborts_and_frees_blocks_at_once():
         engine.shutdown()
 
 
-def test_a_failed_step_ends_its_requests_and_the_engine_keeps_serving():
+def test_a_step_that_fails_once_is_rerun_and_its_requests_finish():
     engine, executor, pool = make_engine()
     try:
         executor.fail_next = True
-        first = asyncio.run(collect(engine, request(5, ignore_eos=True)))
-        assert first[-1].finished and first[-1].request.status is RequestStatus.ABORTED
-        assert "device lost" in first[-1].request.abort_reason
-        second = asyncio.run(collect(engine, request(5, ignore_eos=True)))
-        assert second[-1].finish_reason is FinishReason.LENGTH
+        outs = asyncio.run(collect(engine, request(5, ignore_eos=True)))
+        assert outs[-1].finish_reason is FinishReason.LENGTH
+        assert [t for o in outs for t in o.new_token_ids] == [1, 2, 3, 4, 5]
+        assert pool.num_free_device_blocks == 64
+    finally:
+        engine.shutdown()
+
+
+def test_a_request_that_breaks_the_step_ends_alone_and_its_neighbours_run_on():
+    engine, executor, pool = make_engine(delay_s=0.002)
+    victims = [request(60, ignore_eos=True) for _ in range(3)]
+    poisoned = request(40, ignore_eos=True)
+    executor.poisoned.add(poisoned.request_id)
+
+    async def main():
+        streams = [asyncio.ensure_future(collect(engine, r)) for r in victims]
+        while sum(r.num_output_tokens for r in victims) < 10:  # the victims are mid-stream
+            await asyncio.sleep(0.001)
+        bad = await collect(engine, poisoned)
+        return await asyncio.gather(*streams), bad
+
+    try:
+        results, bad = asyncio.run(main())
+        assert bad[-1].finished and poisoned.status is RequestStatus.ABORTED
+        assert poisoned.abort_reason.startswith(ENGINE_ERROR) and "IndexError" in poisoned.abort_reason
+        for req, outs in zip(victims, results):
+            assert outs[-1].finish_reason is FinishReason.LENGTH
+            assert [t for o in outs for t in o.new_token_ids] == [(i + 1) % 50 for i in range(60)]
         assert pool.num_free_device_blocks == 64
     finally:
         engine.shutdown()

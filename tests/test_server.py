@@ -30,7 +30,7 @@ class CharTokenizer:
 @pytest.fixture
 def served():
     engine, executor, pool = make_engine(blocks=256)
-    app = build_app(ServerConfig("tiny", max_model_len=200), CharTokenizer(), engine)
+    app = build_app(ServerConfig("tiny", max_model_len=200, vocab_size=50), CharTokenizer(), engine)
     with TestClient(app) as client:
         yield client, engine, pool
     engine.shutdown()
@@ -99,6 +99,23 @@ def test_stop_string_cuts_the_text_and_ends_the_request(served):
         ("/v1/completions", {"max_tokens": 3}, 400, "prompt"),
         ("/v1/chat/completions", {"messages": []}, 400, "messages"),
         ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages.0.role"),
+        # Everything the engine could choke on is refused before admission (the vocabulary is 50).
+        ("/v1/completions", {"prompt": [1, 50]}, 400, "prompt"),
+        ("/v1/completions", {"prompt": [-1, 2]}, 400, "prompt"),
+        ("/v1/completions", {"prompt": "a", "seed": 2**64}, 400, "seed"),
+        ("/v1/completions", {"prompt": "a", "seed": -(2**63) - 1}, 400, "seed"),
+        ("/v1/completions", {"prompt": "a", "logit_bias": {"50": 1}}, 400, "logit_bias"),
+        ("/v1/completions", {"prompt": "a", "logit_bias": {"-1": 1}}, 400, "logit_bias"),
+        ("/v1/completions", {"prompt": "a", "logit_bias": {"x": 1}}, 400, "logit_bias"),
+        ("/v1/completions", {"prompt": "a", "logit_bias": {"3": 101}}, 400, "logit_bias"),
+        ("/v1/completions", {"prompt": "a", "stop_token_ids": [50]}, 400, "stop_token_ids"),
+        ("/v1/completions", {"prompt": "a", "stop_token_ids": [-5]}, 400, "stop_token_ids"),
+        ("/v1/completions", {"prompt": "a", "top_k": -2}, 400, "top_k"),
+        ("/v1/completions", {"prompt": "a", "priority": 2**70}, 400, "priority"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "stop_token_ids": [99]},
+         400, "stop_token_ids"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logit_bias": {"77": -1}},
+         400, "logit_bias"),
     ],
 )
 def test_bad_requests_get_openai_errors(served, path, body, status, param):
@@ -108,6 +125,28 @@ def test_bad_requests_get_openai_errors(served, path, body, status, param):
     error = r.json()["error"]
     assert error["message"] and error["type"] and error["param"] == param
     assert pool.num_free_device_blocks == 256
+
+
+def test_edge_values_the_engine_takes_are_accepted(served):
+    client, _, pool = served
+    for extra in ({"seed": -(2**63)}, {"seed": 2**63 - 1}, {"prompt": [0, 49]}, {"logit_bias": {"3": -100}},
+                  {"top_k": -1}, {"stop_token_ids": [0, 49], "ignore_eos": True}):
+        r = client.post("/v1/completions", json={"prompt": "ab", "max_tokens": 3, **extra})
+        assert r.status_code == 200, (extra, r.text)
+    assert pool.num_free_device_blocks == 256
+
+
+@pytest.mark.parametrize("raw, param", [
+    (b'{"prompt": "a", "temperature": NaN}', "temperature"),
+    (b'{"prompt": "a", "repetition_penalty": Infinity}', "repetition_penalty"),
+    (b'{"prompt": "a\\ud800"}', "prompt"),
+    (b'{"prompt": "a", "stop": ["\\udfff"]}', "stop"),
+])
+def test_non_finite_numbers_and_broken_unicode_are_refused(served, raw, param):
+    client, _, _ = served
+    r = client.post("/v1/completions", content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
 
 
 def test_unknown_route_and_bad_json(served):
@@ -187,3 +226,35 @@ def test_prometheus_metrics_use_vllm_names(served):
     assert 3 <= totals["rankserve:engine_steps_total"] <= 12
     assert totals["rankserve:engine_busy_seconds_total"] > 0
     assert totals["rankserve:predictor_scoring_seconds_total"] >= 0
+
+
+def test_a_request_that_breaks_the_engine_gets_an_error_and_a_victim_stream_completes():
+    engine, executor, pool = make_engine(delay_s=0.003, blocks=256)
+    real_execute = executor.execute
+
+    def execute(out):  # a bug only one request triggers (validation bypassed)
+        if any(r.prompt_text == "poison" for r in out.requests):
+            raise IndexError("index out of range in self")
+        return real_execute(out)
+
+    executor.execute = execute
+    app = build_app(ServerConfig("tiny", max_model_len=1000, vocab_size=50), CharTokenizer(), engine)
+    try:
+        with TestClient(app) as client:
+            with client.stream("POST", "/v1/completions", json={
+                    "prompt": "victim", "max_tokens": 300, "ignore_eos": True, "stream": True}) as victim:
+                lines = victim.iter_lines()
+                assert next(line for line in lines if line.startswith("data: "))  # it is running
+                r = client.post("/v1/completions", json={"prompt": "poison", "max_tokens": 50})
+                assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+                assert "IndexError" in r.json()["error"]["message"]
+                with client.stream("POST", "/v1/chat/completions", json={
+                        "messages": [{"role": "user", "content": "poison"}], "stream": True}) as bad:
+                    events = [json.loads(line[6:]) for line in bad.iter_lines()
+                              if line.startswith("data: {")]
+                assert bad.status_code == 500 or "error" in events[-1]
+                rest = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+            assert rest[-1]["choices"][0]["finish_reason"] == "length"
+        assert wait_until(lambda: pool.num_free_device_blocks == 256)
+    finally:
+        engine.shutdown()

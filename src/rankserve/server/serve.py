@@ -63,6 +63,7 @@ class LoadedEngine:
     tokenizer: HFTextTokenizer
     model_name: str
     max_model_len: int
+    vocab_size: int
 
 
 def build_core(settings: EngineSettings):
@@ -107,7 +108,8 @@ def load_engine(settings: EngineSettings) -> LoadedEngine:
     from rankserve.model.loader import load_tokenizer
 
     files, core, max_len = build_core(settings)
-    return LoadedEngine(AsyncEngine(core), HFTextTokenizer(load_tokenizer(files)), files.name, max_len)
+    return LoadedEngine(AsyncEngine(core), HFTextTokenizer(load_tokenizer(files)), files.name, max_len,
+                        core.executor.model.cfg.vocab_size)
 
 
 def serve(settings: EngineSettings, host: str, port: int, api_key: str | None, max_queued: int,
@@ -129,7 +131,7 @@ def serve(settings: EngineSettings, host: str, port: int, api_key: str | None, m
         except Exception:
             log.exception("loading the model failed")
             return
-        config.max_model_len = loaded.max_model_len
+        config.max_model_len, config.vocab_size = loaded.max_model_len, loaded.vocab_size
         app.state.tokenizer = loaded.tokenizer
         app.state.engine = loaded.engine
 
