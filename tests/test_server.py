@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import threading
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
-from helpers import wait_until
+from helpers import serve_on_loopback, wait_until
 from test_engine_loop import make_engine
 
 from rankserve.server.app import ServerConfig, build_app
@@ -258,3 +260,56 @@ def test_a_request_that_breaks_the_engine_gets_an_error_and_a_victim_stream_comp
         assert wait_until(lambda: pool.num_free_device_blocks == 256)
     finally:
         engine.shutdown()
+
+
+@pytest.fixture
+def slow_server():
+    """The app on a real loopback port, over an engine that takes 10 ms a step (4 running at most)."""
+    engine, _, pool = make_engine(delay_s=0.01, blocks=256)
+    app = build_app(ServerConfig("tiny", max_model_len=1000, vocab_size=50), CharTokenizer(), engine)
+    try:
+        with serve_on_loopback(app) as url:
+            yield url, engine, pool
+    finally:
+        engine.shutdown()
+
+
+LONG = {"max_tokens": 900, "ignore_eos": True}
+BODIES = {"/completions": {"prompt": "abc", **LONG},
+          "/chat/completions": {"messages": [{"role": "user", "content": "abc"}], **LONG}}
+
+
+@pytest.mark.parametrize("path", list(BODIES))
+def test_a_client_that_times_out_aborts_its_request_within_a_second(slow_server, path):
+    url, engine, pool = slow_server
+    scheduler = engine.loop.core.scheduler
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url + path, json=BODIES[path], timeout=0.5)
+    assert scheduler.has_work or pool.num_free_device_blocks == 256  # it was not done after 0.5 s
+    assert wait_until(lambda: not scheduler.has_work, timeout_s=1.0)
+    assert pool.num_free_device_blocks == 256
+
+
+@pytest.mark.parametrize("path", list(BODIES))
+def test_a_client_that_leaves_while_queued_takes_its_request_out_of_the_queue(slow_server, path):
+    url, engine, pool = slow_server
+    scheduler = engine.loop.core.scheduler
+
+    def occupy() -> None:  # 4 long requests fill the running batch
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url + path, json=BODIES[path], timeout=3.0)
+
+    blockers = [threading.Thread(target=occupy) for _ in range(4)]
+    for t in blockers:
+        t.start()
+    assert wait_until(lambda: len(scheduler.running) == 4)
+    with pytest.raises(httpx.ReadTimeout):  # a stream that never got its first token
+        with httpx.stream("POST", url + path, json={**BODIES[path], "stream": True}, timeout=0.5) as r:
+            r.read()
+    assert scheduler.num_queued == 1
+    assert wait_until(lambda: scheduler.num_queued == 0, timeout_s=1.0)
+    assert scheduler.live_requests() == list(scheduler.running.values())
+    for t in blockers:
+        t.join()
+    assert wait_until(lambda: not scheduler.has_work, timeout_s=1.0)
+    assert pool.num_free_device_blocks == 256
