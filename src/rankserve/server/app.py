@@ -138,6 +138,10 @@ def build_app(config: ServerConfig, tokenizer: TextTokenizer | None, engine: Asy
 
     def _make_request(body: _SamplingFields, prompt_ids: list[int], max_tokens: int | None,
                       prompt_text: str | None) -> Request:
+        try:  # given as ids, or a tokenizer larger than the model's vocabulary
+            check_token_ids(prompt_ids, config.vocab_size, "prompt")
+        except InvalidField as exc:
+            raise APIError(400, str(exc), param=exc.param) from None
         room = config.max_model_len - len(prompt_ids)
         if room < 1 or (max_tokens is not None and max_tokens > room):
             asked = f" + max_tokens {max_tokens}" if max_tokens is not None else ""
@@ -269,10 +273,6 @@ def build_app(config: ServerConfig, tokenizer: TextTokenizer | None, engine: Asy
             ids, text = app.state.tokenizer.encode(body.prompt), body.prompt
         else:
             ids, text = list(body.prompt), None
-            try:
-                check_token_ids(ids, config.vocab_size, "prompt")
-            except InvalidField as exc:
-                raise APIError(400, str(exc), param=exc.param) from None
         if not ids:
             raise APIError(400, "prompt has no tokens", param="prompt")
         return await _respond(engine, body, _make_request(body, ids, body.max_tokens, text), False, http)
