@@ -18,7 +18,7 @@ from rankserve.core import (
     SchedulerConfig,
     make_policy,
 )
-from rankserve.engine import ENGINE_ERROR, AsyncEngine, EngineCore, WallClock
+from rankserve.engine import ENGINE_ERROR, AsyncEngine, EngineCore, EngineLoop, WallClock
 
 
 class CountingExecutor:
@@ -86,6 +86,17 @@ def test_stop_token_after_min_tokens():
         engine.shutdown()
     tokens = [t for o in outs for t in o.new_token_ids]
     assert tokens == [1, 2, 3, 4] and outs[-1].finish_reason is FinishReason.STOP
+
+
+def test_ignore_eos_keeps_explicit_stop_token_ids():
+    """As in vLLM: ignore_eos drops only EOS (the server leaves it out of stop_token_ids)."""
+    engine, _, _ = make_engine()
+    try:
+        outs = asyncio.run(collect(engine, request(40, stop_token_ids=(4,), ignore_eos=True)))
+    finally:
+        engine.shutdown()
+    assert [t for o in outs for t in o.new_token_ids] == [1, 2, 3, 4]
+    assert outs[-1].finish_reason is FinishReason.STOP
 
 
 def test_client_disconnect_aborts_and_frees_blocks_at_once():
@@ -167,3 +178,48 @@ def test_shutdown_ends_live_requests():
     asyncio.run(main())
     assert seen[-1].finished and req.status is RequestStatus.ABORTED and req.abort_reason == "shutdown"
     assert pool.num_free_device_blocks == 64
+
+
+def test_an_abort_drained_with_its_add_ends_that_request_only():
+    """The engine thread drains its inbox in batches: a request aborted before the batch is
+    admitted must not make the admission of the others in the batch fail."""
+    clock = WallClock()
+    pool = BlockManager(64, 0, block_size=4)
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64), make_policy("fcfs"), pool, clock)
+    loop = EngineLoop(EngineCore(scheduler, CountingExecutor()))
+    gone, kept, finished = request(5, ignore_eos=True), request(5, ignore_eos=True), request(5, ignore_eos=True)
+    outs: list = []
+    for req in (gone, kept, finished):
+        loop.submit(req, outs.append)
+    loop.abort(gone.request_id, "client disconnected")
+    loop.finish(finished.request_id)  # e.g. a stop string seen before the request ran
+    loop.start()  # the first drain holds the three adds, the abort and the finish
+    try:
+        assert wait_until(lambda: kept.status.is_done)
+        assert kept.finish_reason is FinishReason.LENGTH and kept.num_output_tokens == 5
+        assert gone.status is RequestStatus.ABORTED and gone.abort_reason == "client disconnected"
+        assert finished.status is RequestStatus.FINISHED and finished.num_output_tokens == 0
+        assert scheduler.num_queued == 0 and not scheduler.has_work
+        assert {o.request.request_id for o in outs if o.finished} == {r.request_id for r in (gone, kept, finished)}
+    finally:
+        loop.stop()
+
+
+def test_on_end_reports_every_ending():
+    engine, _, _ = make_engine(delay_s=0.005)
+    ended: list = []
+    reqs = [request(50, ignore_eos=True) for _ in range(2)]
+
+    async def main():
+        async for _ in engine.generate(reqs[0], on_end=ended.append):
+            break  # the client leaves after the first output
+        async for out in engine.generate(reqs[1], on_end=ended.append):
+            engine.loop.finish(reqs[1].request_id)  # the server saw a stop string
+            break
+
+    try:
+        asyncio.run(main())
+        assert wait_until(lambda: len(ended) == 2)
+        assert {r.request_id for r in ended} == {r.request_id for r in reqs}
+    finally:
+        engine.shutdown()

@@ -129,6 +129,15 @@ def test_bad_requests_get_openai_errors(served, path, body, status, param):
     assert pool.num_free_device_blocks == 256
 
 
+def test_ignore_eos_ignores_only_eos(served):
+    client, _, _ = served
+    body = {"prompt": "a", "max_tokens": 60, "ignore_eos": True}
+    r = client.post("/v1/completions", json={**body, "stop_token_ids": [3]})
+    assert r.json()["choices"][0] == {"index": 0, "text": "bcd", "logprobs": None, "finish_reason": "stop"}
+    r = client.post("/v1/completions", json=body)  # runs past EOS (token 49)
+    assert r.json()["usage"]["completion_tokens"] == 60 and r.json()["choices"][0]["finish_reason"] == "length"
+
+
 def test_edge_values_the_engine_takes_are_accepted(served):
     client, _, pool = served
     for extra in ({"seed": -(2**63)}, {"seed": 2**63 - 1}, {"prompt": [0, 49]}, {"logit_bias": {"3": -100}},
@@ -313,3 +322,25 @@ def test_a_client_that_leaves_while_queued_takes_its_request_out_of_the_queue(sl
         t.join()
     assert wait_until(lambda: not scheduler.has_work, timeout_s=1.0)
     assert pool.num_free_device_blocks == 256
+
+
+def test_requests_ended_by_a_stop_string_or_a_disconnect_are_counted():
+    engine, _, _ = make_engine(delay_s=0.005, blocks=256)
+    app = build_app(ServerConfig("tiny", max_model_len=1000, vocab_size=50), CharTokenizer(), engine)
+
+    def count(reason: str) -> float:
+        line = f'vllm:request_success_total{{finished_reason="{reason}",model_name="tiny"}}'
+        found = [x for x in client.get("/metrics").text.splitlines() if x.startswith(line)]
+        return float(found[0].split()[-1]) if found else 0.0
+
+    try:
+        with TestClient(app) as client:
+            r = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 100, "stop": ["fg"]})
+            assert r.json()["choices"][0]["finish_reason"] == "stop"
+            assert wait_until(lambda: count("stop") == 1)
+            with client.stream("POST", "/v1/completions",
+                               json={"prompt": "a", "max_tokens": 900, "ignore_eos": True, "stream": True}) as r:
+                next(line for line in r.iter_lines() if line.startswith("data: "))  # then leave
+            assert wait_until(lambda: count("abort") == 1)
+    finally:
+        engine.shutdown()
