@@ -18,6 +18,7 @@ from rankserve.core import (
     SchedulerConfig,
     make_policy,
 )
+from rankserve.predict.base import Predictor
 from rankserve.engine import ENGINE_ERROR, AsyncEngine, EngineCore, EngineLoop, WallClock
 
 
@@ -223,3 +224,46 @@ def test_on_end_reports_every_ending():
         assert {r.request_id for r in ended} == {r.request_id for r in reqs}
     finally:
         engine.shutdown()
+
+
+class FlakyRanker(Predictor):
+    """Scores by prompt length; raises on a prompt whose text is "boom"."""
+
+    name = "flaky"
+    gives_lengths = False
+
+    def score(self, requests):
+        if any(r.prompt_text == "boom" for r in requests):
+            raise RuntimeError("feature extraction failed")
+        for r in requests:
+            r.set_prediction(float(r.prompt_len))
+
+
+def test_a_predictor_that_raises_queues_its_request_in_arrival_order(caplog):
+    pool = BlockManager(256, 0, block_size=4)
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs=1, max_num_batched_tokens=64), make_policy("sjf"),
+                          pool, WallClock())
+    loop = EngineLoop(EngineCore(scheduler, CountingExecutor(delay_s=0.002), FlakyRanker()))
+    ended: list[Request] = []
+
+    def submit(prompt_len: int, text: str | None = None) -> Request:
+        req = Request(list(range(prompt_len)), SamplingParams(max_tokens=3, ignore_eos=True), prompt_text=text)
+        loop.submit(req, lambda out: out.finished and ended.append(out.request))
+        return req
+
+    blocker = submit(1)
+    loop.start()
+    assert wait_until(lambda: blocker.status is RequestStatus.RUNNING or blocker.status.is_done)
+    try:
+        short, long = submit(3), submit(9)
+        failed = [submit(2, "boom"), submit(2, "boom")]  # would rank first if scored by length
+        later = submit(20)  # arrives after them: FCFS would run it last
+        assert wait_until(lambda: len(ended) == 6)
+    finally:
+        loop.stop()
+    order = [r.request_id for r in ended]
+    assert order[:3] == [blocker.request_id, short.request_id, long.request_id]
+    assert {r.request_id for r in failed} == set(order[3:5]) and order[5] == later.request_id
+    assert all(r.finish_reason is FinishReason.LENGTH for r in ended)
+    assert loop.stats.predictor_failures == 2
+    assert len([r for r in caplog.records if "predictor" in r.getMessage()]) == 1  # logged once

@@ -217,7 +217,7 @@ def test_client_that_leaves_mid_stream_frees_its_blocks():
 
 
 def test_prometheus_metrics_use_vllm_names(served):
-    client, _, _ = served
+    client, engine, _ = served
     for _ in range(3):
         client.post("/v1/completions", json={"prompt": "ab", "max_tokens": 4, "ignore_eos": True})
     text = client.get("/metrics").text
@@ -237,6 +237,9 @@ def test_prometheus_metrics_use_vllm_names(served):
     assert 3 <= totals["rankserve:engine_steps_total"] <= 12
     assert totals["rankserve:engine_busy_seconds_total"] > 0
     assert totals["rankserve:predictor_scoring_seconds_total"] >= 0
+    assert totals["rankserve:predictor_failures_total"] == 0
+    engine.loop.stats.predictor_failures = 2  # what the engine thread counts (test_engine_loop)
+    assert 'rankserve:predictor_failures_total{model_name="tiny"} 2.0' in client.get("/metrics").text
 
 
 def test_a_request_that_breaks_the_engine_gets_an_error_and_a_victim_stream_completes():

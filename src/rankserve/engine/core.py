@@ -71,15 +71,15 @@ class EngineCore:
                 self.predictor.score([req])
             except Exception:  # noqa: BLE001
                 failed.append(req)
-        self._queue_last(failed)
+        self._queue_last(failed, self.scheduler.live_requests() + [r for r in requests if r not in failed])
         return len(failed)
 
-    def _queue_last(self, requests: Sequence[Request]) -> None:
-        """Give unscored requests the largest score and length of those already here: ties break
-        by arrival, so they queue behind everything queued so far, as FCFS would."""
-        live = self.scheduler.live_requests()
-        score = max((r.score for r in live if r.score is not None), default=0.0)
-        length = max((r.predicted_len for r in live if r.predicted_len is not None), default=0.0)
+    @staticmethod
+    def _queue_last(requests: Sequence[Request], others: Sequence[Request]) -> None:
+        """Give unscored requests the largest score and length among ``others``: ties break by
+        arrival, so they queue behind everything that arrived before them, as FCFS would."""
+        score = max((r.score for r in others if r.score is not None), default=0.0)
+        length = max((r.predicted_len for r in others if r.predicted_len is not None), default=0.0)
         for req in requests:
             req.set_prediction(score, length)
 
