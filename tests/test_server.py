@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 
@@ -182,6 +183,7 @@ def test_api_key_loading_and_full_queue():
             assert r.json()["data"][0]["id"] == "tiny"
             r = client.post("/v1/completions", json={"prompt": "a"}, headers={"Authorization": "Bearer s3cret"})
             assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
+            assert int(r.headers["retry-after"]) >= 1
     finally:
         engine.shutdown()
 
@@ -292,7 +294,7 @@ BODIES = {"/completions": {"prompt": "abc", **LONG},
 
 
 @pytest.mark.parametrize("path", list(BODIES))
-def test_a_client_that_times_out_aborts_its_request_within_a_second(slow_server, path):
+def test_a_client_that_times_out_aborts_its_request_within_a_second(slow_server, path, caplog):
     url, engine, pool = slow_server
     scheduler = engine.loop.core.scheduler
     with pytest.raises(httpx.ReadTimeout):
@@ -300,6 +302,7 @@ def test_a_client_that_times_out_aborts_its_request_within_a_second(slow_server,
     assert scheduler.has_work or pool.num_free_device_blocks == 256  # it was not done after 0.5 s
     assert wait_until(lambda: not scheduler.has_work, timeout_s=1.0)
     assert pool.num_free_device_blocks == 256
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]  # the server took it in its stride
 
 
 @pytest.mark.parametrize("path", list(BODIES))
@@ -307,19 +310,19 @@ def test_a_client_that_leaves_while_queued_takes_its_request_out_of_the_queue(sl
     url, engine, pool = slow_server
     scheduler = engine.loop.core.scheduler
 
-    def occupy() -> None:  # 4 long requests fill the running batch
-        with pytest.raises(httpx.ReadTimeout):
+    def occupy() -> None:  # 4 long requests fill the running batch (9 s each), then leave
+        with contextlib.suppress(httpx.TimeoutException):
             httpx.post(url + path, json=BODIES[path], timeout=3.0)
 
     blockers = [threading.Thread(target=occupy) for _ in range(4)]
     for t in blockers:
         t.start()
-    assert wait_until(lambda: len(scheduler.running) == 4)
+    assert wait_until(lambda: len(scheduler.running) == 4, timeout_s=10)
     with pytest.raises(httpx.ReadTimeout):  # a stream that never got its first token
         with httpx.stream("POST", url + path, json={**BODIES[path], "stream": True}, timeout=0.5) as r:
             r.read()
-    assert scheduler.num_queued == 1
     assert wait_until(lambda: scheduler.num_queued == 0, timeout_s=1.0)
+    assert len(scheduler.running) == 4  # the blockers still run: the queued one left on its own
     assert scheduler.live_requests() == list(scheduler.running.values())
     for t in blockers:
         t.join()

@@ -7,6 +7,7 @@ status; a bad request is refused before it reaches the engine and never disturbs
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
 import time
@@ -70,13 +71,17 @@ async def _unless_disconnected(http: HTTPRequest, work: Awaitable):
     gone = asyncio.ensure_future(_until_disconnected(http))
     try:
         await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.cancel()
+        raise
     finally:
         gone.cancel()
-        if not task.done():
-            task.cancel()
-    if task.cancelled():
-        raise ClientGone
-    return task.result()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task  # it closes the generation on its way out
+    raise ClientGone
 
 
 def _finish_reason(reason: FinishReason | None, stopped_by_text: bool) -> str | None:
