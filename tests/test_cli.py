@@ -30,14 +30,21 @@ def test_simulate_writes_the_documented_json(tmp_path, capsys):
 
 
 def test_simulate_synthetic_data_generation(tmp_path):
-    path = tmp_path / "syn.json"
-    main(["simulate", "--policy", "sjf", "--arrival", "burst", "--num-requests", "200", "--first-k", "50",
-          "--time-limit", "10", "--hardware", "constant:10", "--workload", "uniform:1:100",
-          "--max-num-seqs", "8", "--json", str(path)])
-    data = json.loads(path.read_text())
-    # 8 at a time, shortest first, 10 ms per step: the first 50 finish long before FCFS would.
-    assert 0 < data["time_to_first_k_s"] < data["duration_s"]
-    assert data["finished_within_limit"] <= 200
+    def run(policy: str) -> dict:
+        path = tmp_path / f"{policy}.json"
+        main(["simulate", "--policy", policy, "--arrival", "burst", "--num-requests", "200", "--first-k", "50",
+              "--time-limit", "10", "--hardware", "constant:10", "--workload", "uniform:1:100",
+              "--max-num-seqs", "8", "--json", str(path)])
+        return json.loads(path.read_text())
+
+    sjf, fcfs = run("sjf"), run("fcfs")
+    # ~10,100 tokens, 8 per 10 ms step: the whole burst needs ~13 s, so the 10 s limit binds.
+    for data in (sjf, fcfs):
+        assert 0 < data["time_to_first_k_s"] < data["duration_s"]
+        assert 50 <= data["finished_within_limit"] < 200
+    # Shortest first finishes the first 50 sooner, and more of them inside the limit.
+    assert sjf["time_to_first_k_s"] < fcfs["time_to_first_k_s"] / 2
+    assert sjf["finished_within_limit"] > fcfs["finished_within_limit"]
 
 
 @pytest.mark.parametrize(

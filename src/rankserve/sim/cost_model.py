@@ -40,7 +40,9 @@ __all__ = [
     "A100_SXM4_80GB",
     "ConstantCostModel",
     "CostModel",
+    "GPU_SPECS",
     "GpuSpec",
+    "H200_SXM",
     "LLAMA3_8B",
     "LLAMA3_70B",
     "LinearCostModel",
@@ -209,6 +211,12 @@ A100_SXM4_40GB = GpuSpec("A100-SXM4-40GB", peak_flops=312e12, mem_bytes_per_s=15
                          pcie_bytes_per_s=25e9, interconnect_bytes_per_s=300e9, interconnect_latency_s=40e-6)
 A100_SXM4_80GB = GpuSpec("A100-SXM4-80GB", peak_flops=312e12, mem_bytes_per_s=2039e9, memory_bytes=80 * GiB,
                          pcie_bytes_per_s=25e9, interconnect_bytes_per_s=300e9, interconnect_latency_s=40e-6)
+# NVIDIA H200 SXM datasheet: 989 TFLOP/s dense BF16 (1,979 with sparsity), HBM3e 4.8 TB/s, 141 GB
+# (CUDA sees 143,771 MiB on the machines lent here); NVLink 4 900 GB/s total = 450 GB/s each way; PCIe
+# Gen5 x16 64 GB/s each way, of which ~50 GB/s pinned (assumption, as for the A100's 25 of 32).
+H200_SXM = GpuSpec("H200-SXM", peak_flops=989e12, mem_bytes_per_s=4.8e12, memory_bytes=143771 * 2**20,
+                   pcie_bytes_per_s=50e9, interconnect_bytes_per_s=450e9, interconnect_latency_s=40e-6)
+GPU_SPECS: dict[str, GpuSpec] = {"a100-40gb": A100_SXM4_40GB, "a100-80gb": A100_SXM4_80GB, "h200": H200_SXM}
 
 
 # ---------------------------------------------------------------------------------------------
