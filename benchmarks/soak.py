@@ -96,10 +96,10 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def engine_gauges(client: httpx.Client) -> dict[str, float]:
-    """Running and waiting requests and KV usage, from /metrics."""
+def engine_gauges(metrics_text: str) -> dict[str, float]:
+    """Running and waiting requests and KV usage, from the text of /metrics."""
     out = {}
-    for line in client.get("/metrics").text.splitlines():
+    for line in metrics_text.splitlines():
         for name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"):
             if line.startswith(name + "{"):
                 out[name.split(":")[1]] = float(line.split()[-1])
@@ -228,10 +228,10 @@ def main() -> None:
         elapsed = time.monotonic() - started
         with httpx.Client(base_url=url, timeout=10) as client:
             deadline = time.monotonic() + 10  # aborts by departed clients land within a second
-            gauges = engine_gauges(client)
+            gauges = engine_gauges(client.get("/metrics").text)
             while any(gauges.values()) and time.monotonic() < deadline:
                 time.sleep(0.2)
-                gauges = engine_gauges(client)
+                gauges = engine_gauges(client.get("/metrics").text)
         rss["end"] = rss_mb(proc.pid)
     finally:
         exit_code = stop_server(proc)
