@@ -13,17 +13,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import platform
-import sys
 import time
 from collections import Counter
 from pathlib import Path
 
 import httpx
 from engine_throughput import cpu_model
-from soak import engine_gauges, free_port, rss_mb, start_server, stop_server
+from soak import engine_gauges, free_port, report, rss_mb, start_server, stop_server
 
 
 async def burst(url: str, n: int, max_tokens: int, pid: int) -> dict:
@@ -110,17 +107,8 @@ def main() -> None:
         other = sum(v for k, v in r["statuses"].items() if k not in (200, 429))
         print(f"| {i} | {r['statuses'].get(200, 0)} | {r['statuses'].get(429, 0)} | {other} | {r['peak_waiting']:.0f} "
               f"| {r['peak_rss_mib']:.0f} | {r['rss_after_mib']:.0f} | {r['elapsed_s']:.1f} |")
-    print("\n| check | result |\n|---|---|")
-    for name, ok in checks.items():
-        print(f"| {name} | {'pass' if ok else 'FAIL'} |")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({
-        "args": vars(args) | {"json": str(args.json)}, "capacity": capacity, "bursts": results, "after": after,
-        "rss_start_mib": rss_start, "rss_growth": growth, "server_exit": exit_code, "checks": checks,
-        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version()},
-    }, indent=2) + "\n")
-    print(f"wrote {args.json}")
-    sys.exit(0 if all(checks.values()) else 1)
+    report(args, checks, {"capacity": capacity, "bursts": results, "after": after, "rss_start_mib": rss_start,
+                          "rss_growth": growth, "server_exit": exit_code})
 
 
 if __name__ == "__main__":

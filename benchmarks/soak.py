@@ -18,7 +18,6 @@ import os
 import platform
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+from engine_bench import RANKSERVE, free_port, wait_ready
 from engine_throughput import cpu_model
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -53,31 +53,19 @@ class Tally:
             self.problems.append(text)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(port: int, flags: list[str], log: Path) -> subprocess.Popen:
     """`rankserve serve` on loopback, its output in ``log``; returns once /health answers 200."""
     env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as sink:  # a file, not a pipe nobody reads (a full pipe blocks the server)
-        proc = subprocess.Popen([sys.executable, "-m", "rankserve.cli.main", "serve", "--port", str(port), *flags],
-                                env=env, stdout=sink, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited ({proc.returncode}): {log.read_text()[-2000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-    proc.kill()
-    raise SystemExit("the server did not become healthy in 300 s")
+        proc = subprocess.Popen([*RANKSERVE, "serve", "--port", str(port), *flags], env=env, stdout=sink,
+                                stderr=subprocess.STDOUT)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", proc)
+    except (RuntimeError, TimeoutError) as exc:
+        proc.kill()
+        raise SystemExit(f"{exc}; its log: {log}") from None
+    return proc
 
 
 def stop_server(proc: subprocess.Popen) -> int:
@@ -257,22 +245,27 @@ def main() -> None:
     print(f"\nfinish reasons of accepted requests: {dict(tally.finish)}")
     print(f"after: {gauges}; RSS MiB start {rss['start']:.0f}, after warm-up {rss.get('warm', float('nan')):.0f}, "
           f"end {rss['end']:.0f} ({growth:+.1%}); server exit {exit_code}")
+    for text in tally.problems:
+        print("  problem:", text)
+    report(args, checks, {
+        "elapsed_s": elapsed, "statuses": {str(k): v for k, v in tally.statuses.items()}, "kinds": dict(tally.kinds),
+        "finish_reasons": {str(k): v for k, v in tally.finish.items()}, "after": gauges, "rss_mib": rss,
+        "rss_growth": growth, "server_exit": exit_code, "problems": tally.problems,
+    })
+
+
+def report(args: argparse.Namespace, checks: dict[str, bool], record: dict) -> None:
+    """Print the checks, write ``record`` with them and the machine to ``args.json``, exit 1 if one failed."""
     print("\n| check | result |\n|---|---|")
     for name, ok in checks.items():
         print(f"| {name} | {'pass' if ok else 'FAIL'} |")
-    for text in tally.problems:
-        print("  problem:", text)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({
-        "args": vars(args) | {"json": str(args.json)}, "elapsed_s": elapsed,
-        "statuses": {str(k): v for k, v in tally.statuses.items()}, "kinds": dict(tally.kinds),
-        "finish_reasons": {str(k): v for k, v in tally.finish.items()}, "after": gauges, "rss_mib": rss,
-        "rss_growth": growth, "server_exit": exit_code, "checks": checks, "problems": tally.problems,
+        "args": vars(args) | {"json": str(args.json)}, **record, "checks": checks,
         "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version()},
     }, indent=2) + "\n")
     print(f"wrote {args.json}")
     sys.exit(0 if all(checks.values()) else 1)
-
 
 if __name__ == "__main__":
     main()

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import wait_until
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("torch")
@@ -44,16 +45,16 @@ def _start(*flags: str) -> tuple[subprocess.Popen, str]:
     return proc, f"http://127.0.0.1:{port}"
 
 
-def _wait_healthy(proc: subprocess.Popen, url: str, timeout_s: float = 180.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"the server did not become healthy (exit {proc.poll()})")
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(url + "/health", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def _wait_healthy(proc: subprocess.Popen, url: str) -> None:
+    wait_until(lambda: proc.poll() is not None or _healthy(url), timeout_s=180)
+    assert proc.poll() is None and _healthy(url), f"the server did not become healthy (exit {proc.poll()})"
 
 
 def _stream(url: str, body: dict, first: threading.Event, events: list) -> None:
