@@ -35,7 +35,7 @@ async def burst(url: str, n: int, max_tokens: int, pid: int) -> dict:
             gauges = engine_gauges((await client.get("/metrics")).text)
             peak["waiting"] = max(peak["waiting"], gauges.get("num_requests_waiting", 0.0))
             peak["rss"] = max(peak["rss"], rss_mb(pid))
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.5)
 
     async def one(client: httpx.AsyncClient, i: int) -> None:
         r = await client.post("/v1/completions", json={"prompt": f"Count to {i}:", "max_tokens": max_tokens,
@@ -68,7 +68,7 @@ def main() -> None:
     ap.add_argument("--max-queued", type=int, default=16)
     ap.add_argument("--factor", type=int, default=10)
     ap.add_argument("--bursts", type=int, default=3)
-    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("--json", type=Path, default=Path("out/overload.json"))
     args = ap.parse_args()
 

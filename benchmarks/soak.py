@@ -170,10 +170,13 @@ async def drive(url: str, n: int, concurrency: int, max_tokens: int, seed: int, 
                 on_progress) -> None:
     rng = random.Random(seed)
     todo = iter(range(n))
-    async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
         async def worker() -> None:
             for i in todo:
-                await one(client, i, rng, max_tokens, tally)
+                try:
+                    await one(client, i, rng, max_tokens, tally)
+                except httpx.TransportError as exc:  # e.g. a keep-alive connection closed as it was reused
+                    tally.statuses[f"transport error ({type(exc).__name__})"] += 1
                 on_progress(i)
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))

@@ -215,7 +215,8 @@ class AsyncEngine:
         def deliver(out: RequestOutput) -> None:
             if out.finished and on_end is not None:
                 on_end(out.request)
-            event_loop.call_soon_threadsafe(outputs.put_nowait, out)
+            if not event_loop.is_closed():  # after the server stopped, nobody is listening
+                event_loop.call_soon_threadsafe(outputs.put_nowait, out)
 
         self.loop.submit(req, deliver)
         finished = False
