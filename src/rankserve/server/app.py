@@ -58,6 +58,23 @@ class ServerConfig:
     vocab_size: int = 1 << 31  # token ids at or past it are refused; serve sets the model's
 
 
+class _CountInFlight:
+    """ASGI middleware keeping ``state.in_flight``: the app's call returns only once the response
+    is sent in full or the client has gone, however the handler ended."""
+
+    def __init__(self, app, state) -> None:
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        self.state.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.state.in_flight -= 1
+
+
 async def _until_disconnected(http: HTTPRequest) -> None:
     """Return when the client disconnects (the body is read: ASGI's receive only reports that)."""
     while (await http.receive())["type"] != "http.disconnect":
@@ -99,7 +116,8 @@ def build_app(config: ServerConfig, tokenizer: TextTokenizer | None, engine: Asy
     app.state.tokenizer = tokenizer
     app.state.engine = engine
     app.state.draining = False  # set on shutdown: refuse new requests, let the others finish
-    app.state.in_flight = 0  # generation requests not yet answered in full
+    app.state.in_flight = 0  # HTTP requests not answered in full (a stream: until its last event)
+    app.add_middleware(_CountInFlight, state=app.state)
     metrics = ServerMetrics(config.model_name)
 
     @app.exception_handler(APIError)
@@ -191,18 +209,6 @@ def build_app(config: ServerConfig, tokenizer: TextTokenizer | None, engine: Asy
         return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
     async def _respond(engine: AsyncEngine, body: _SamplingFields, req: Request, chat: bool,
-                       http: HTTPRequest) -> Response:
-        app.state.in_flight += 1
-        try:
-            response = await _answer(engine, body, req, chat, http)
-        except BaseException:
-            app.state.in_flight -= 1
-            raise
-        if not isinstance(response, StreamingResponse):
-            app.state.in_flight -= 1  # a stream counts until its last event (see events())
-        return response
-
-    async def _answer(engine: AsyncEngine, body: _SamplingFields, req: Request, chat: bool,
                       http: HTTPRequest) -> Response:
         stream = TextStream(app.state.tokenizer, body.stop or ())
         created = int(time.time())
@@ -247,7 +253,6 @@ def build_app(config: ServerConfig, tokenizer: TextTokenizer | None, engine: Asy
                 yield _sse(exc.body)
             finally:
                 await gen.aclose()  # a client that went away aborts the request
-                app.state.in_flight -= 1
             yield _sse("[DONE]")
 
         return StreamingResponse(events(), media_type="text/event-stream")

@@ -114,6 +114,9 @@ def load_engine(settings: EngineSettings) -> LoadedEngine:
                         core.executor.model.cfg.vocab_size)
 
 
+_LAST_EVENTS_S = 10.0  # after the abort, for the aborted answers to go out (ms unless the host is swamped)
+
+
 class ModelLoadError(RuntimeError):
     """The model failed to load after the server started (it exits instead of answering 503)."""
 
@@ -129,7 +132,8 @@ class _DrainingServer:
         self.app = app
         self.shutdown_timeout = shutdown_timeout
         # The backstop for connections that outlive the drain (the aborted answers take ms).
-        config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
+        config = uvicorn.Config(app, host=host, port=port, log_level="info",
+                                timeout_graceful_shutdown=_LAST_EVENTS_S)
         self.server = uvicorn.Server(config)
         self.server.handle_exit = self._on_signal  # not re-raised after the shutdown: the exit status stays 0
 
@@ -157,7 +161,7 @@ class _DrainingServer:
             if state.in_flight:
                 log.info("aborting %d requests still in flight", state.in_flight)
             state.engine.shutdown()  # live requests end aborted ("shutdown")
-        deadline = time.monotonic() + 2.0  # let their last events go out
+        deadline = time.monotonic() + _LAST_EVENTS_S  # let their last events go out
         while state.in_flight and time.monotonic() < deadline:
             time.sleep(0.01)
         self.server.should_exit = True
