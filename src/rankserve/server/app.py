@@ -209,7 +209,7 @@ def build_app(config: ServerConfig, tokenizer: TextTokenizer | None, engine: Asy
         return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
     async def _respond(engine: AsyncEngine, body: _SamplingFields, req: Request, chat: bool,
-                      http: HTTPRequest) -> Response:
+                       http: HTTPRequest) -> Response:
         stream = TextStream(app.state.tokenizer, body.stop or ())
         created = int(time.time())
         head = {"id": req.request_id, "created": created, "model": config.model_name}
