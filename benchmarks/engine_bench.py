@@ -27,42 +27,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 
 from rankserve.bench.experiment import SimSpec, parse_system, simulate_trace
 from rankserve.bench.workloads import arrival_times
 from rankserve.cli.bench import bench_workload
+from rankserve.integrations.vllm_server import free_port, vllm_server_command, vllm_server_env, wait_ready
 from rankserve.predict import LEARNED_NAMES
 
 RANKSERVE = [sys.executable, "-m", "rankserve.cli.main"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 300) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise TimeoutError(f"{url} not ready after {timeout_s} s")
 
 
 def system_spec(system: str, args) -> SimSpec:
@@ -101,19 +78,12 @@ def predictor_weights(predictor: str, args) -> Path | None:
 def start_vllm(port: int, args) -> subprocess.Popen:
     from rankserve.model.loader import load_model_dir
 
-    model_dir = load_model_dir(None).path
-    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="2",
-               OMP_NUM_THREADS=str(os.cpu_count() or 2))
-    env.pop("PYTHONPATH", None)
     # Every rate replays the same prompts to one server, so with prefix caching vLLM would prefill
     # each prompt once and serve every later rate from its cache (measured: 1.58 -> 2.01 req/s on a
     # repeat at 3 req/s). Fresh prompts get no hits (0 of 15,983 tokens on this trace's first run).
-    cmd = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-           "--served-model-name", "smollm2-135m-instruct", "--dtype", "bfloat16", "--enforce-eager",
-           "--no-enable-prefix-caching",
-           "--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens", str(args.max_num_batched_tokens),
-           "--max-model-len", "2048", "--port", str(port)]
-    return subprocess.Popen(cmd, env=env, cwd="/tmp", stdout=subprocess.DEVNULL,
+    cmd = vllm_server_command(args.vllm_python, port, load_model_dir(None).path, args.max_num_seqs,
+                              args.max_num_batched_tokens, prefix_caching=False)
+    return subprocess.Popen(cmd, env=vllm_server_env(), cwd="/tmp", stdout=subprocess.DEVNULL,
                             stderr=open(args.out / "vllm-fcfs.log", "w"))
 
 

@@ -44,6 +44,15 @@ def test_bench_times_every_request(server):
     assert pool.num_free_device_blocks == 512
 
 
+def test_an_item_can_carry_its_own_body_fields(server):
+    from dataclasses import replace
+
+    url, _ = server
+    plain, own = build_items(["a", "b"], [9, 9], [0.0, 0.0], True)
+    results = run_bench(url, "tiny", [plain, replace(own, extra={"max_tokens": 3})], progress=False)
+    assert [r.num_output_tokens for r in results] == [9, 3]
+
+
 def test_failures_are_recorded_not_lost(server):
     url, _ = server
     items = build_items(["a", "b"], [5, 5], [0.0, 0.0], True)

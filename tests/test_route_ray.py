@@ -1,0 +1,93 @@
+"""rankserve on Ray Serve (server/ray_serve.py, route/ray_router.py) on a local Ray instance: two
+small engine replicas behind the OpenAI API, routed by sal from the replicas' routing stats.
+Skipped where ray[serve] is not installed (``pip install "rankserve[ray]"``)."""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from helpers import wait_until
+from test_route_failover import free_port
+
+ray = pytest.importorskip("ray")
+serve = pytest.importorskip("ray.serve")
+pytest.importorskip("torch")
+
+from rankserve.server.ray_serve import build_serve_app  # noqa: E402
+from rankserve.server.serve import EngineSettings  # noqa: E402
+
+MODEL = "smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="module")
+def url():
+    from rankserve.model.loader import ModelNotFoundError, load_model_dir
+
+    try:
+        load_model_dir(None)
+    except ModelNotFoundError as exc:
+        pytest.skip(str(exc))
+    port = free_port()
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        settings = EngineSettings(policy="fcfs", kv_cache_gb=0.1, swap_space_gb=0.1, max_num_seqs=4)
+        serve.run(build_serve_app(replicas=2, router="sal", predictor="none", settings=settings, num_cpus=1,
+                                  tokenizer="approx"), blocking=False)
+        base = f"http://127.0.0.1:{port}"
+        assert wait_until(lambda: _up(base), 180), "the Serve application did not come up"
+        yield base
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _up(base: str) -> bool:
+    try:
+        return httpx.get(base + "/v1/models", timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def test_completions_stream_and_errors_through_serve(url):
+    assert httpx.get(url + "/v1/models").json()["data"][0]["id"] == MODEL
+    body = {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 6, "temperature": 0}
+    full = httpx.post(url + "/v1/completions", json=body, timeout=120).json()
+    assert full["usage"]["completion_tokens"] == 6
+    with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}, timeout=120) as r:
+        lines = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    assert "".join(json.loads(x)["choices"][0]["text"] for x in lines[:-1]) == full["choices"][0]["text"]
+    bad = httpx.post(url + "/v1/completions", json={**body, "max_tokens": 10**6}, timeout=120)
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_sal_spreads_concurrent_long_requests_over_both_replicas(url):
+    def ask(i: int) -> str:
+        time.sleep(0.2 * i)
+        body = {"model": MODEL, "prompt": f"Story number {i}:", "max_tokens": 40, "ignore_eos": True}
+        answer = httpx.post(url + "/v1/completions", json=body, timeout=300)
+        assert answer.status_code == 200
+        return answer.headers["x-rankserve-replica"]
+
+    with ThreadPoolExecutor(4) as pool:
+        replicas = list(pool.map(ask, range(4)))
+    assert len(set(replicas)) == 2 and replicas.count(replicas[0]) == 2  # two long requests on each
+
+
+def test_a_client_leaving_a_stream_frees_the_replica(url):
+    body = {"model": MODEL, "prompt": "Tell me a long story.", "max_tokens": 400, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
+        replica = r.headers["x-rankserve-replica"]
+        next(r.iter_lines())
+
+    def idle() -> bool:  # the replica's routing stats no longer list the request
+        handle = serve.get_deployment_handle("EngineReplica", app_name="default")
+        stats = [handle.record_routing_stats.remote().result() for _ in range(6)]
+        return all(not s["generated"] for s in stats)
+
+    assert replica and wait_until(idle, 30)
