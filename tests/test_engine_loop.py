@@ -18,21 +18,26 @@ from rankserve.core import (
     SchedulerConfig,
     make_policy,
 )
-from rankserve.engine import AsyncEngine, EngineCore, WallClock
+from rankserve.predict.base import Predictor
+from rankserve.engine import ENGINE_ERROR, AsyncEngine, EngineCore, EngineLoop, WallClock
 
 
 class CountingExecutor:
-    """Samples token (tokens so far + 1) % 50 for each request; can sleep or fail on demand."""
+    """Samples token (tokens so far + 1) % 50 for each request; can sleep or fail on demand: once
+    (``fail_next``), or on every step holding a request of ``poisoned`` (its ids)."""
 
     def __init__(self, delay_s: float = 0.0) -> None:
         self.delay_s = delay_s
         self.fail_next = False
+        self.poisoned: set[str] = set()
 
     def execute(self, out):
         time.sleep(self.delay_s)
         if self.fail_next:
             self.fail_next = False
             raise RuntimeError("device lost")
+        if any(r.request_id in self.poisoned for r in out.requests):
+            raise IndexError("index out of range in self")
         return [(r.num_output_tokens + 1) % 50 for r in out.requests]
 
     def hidden_states(self):
@@ -84,6 +89,17 @@ def test_stop_token_after_min_tokens():
     assert tokens == [1, 2, 3, 4] and outs[-1].finish_reason is FinishReason.STOP
 
 
+def test_ignore_eos_keeps_explicit_stop_token_ids():
+    """As in vLLM: ignore_eos drops only EOS (the server leaves it out of stop_token_ids)."""
+    engine, _, _ = make_engine()
+    try:
+        outs = asyncio.run(collect(engine, request(40, stop_token_ids=(4,), ignore_eos=True)))
+    finally:
+        engine.shutdown()
+    assert [t for o in outs for t in o.new_token_ids] == [1, 2, 3, 4]
+    assert outs[-1].finish_reason is FinishReason.STOP
+
+
 def test_client_disconnect_aborts_and_frees_blocks_at_once():
     engine, _, pool = make_engine(delay_s=0.01)
     req = request(200, ignore_eos=True)
@@ -103,15 +119,38 @@ def test_client_disconnect_aborts_and_frees_blocks_at_once():
         engine.shutdown()
 
 
-def test_a_failed_step_ends_its_requests_and_the_engine_keeps_serving():
+def test_a_step_that_fails_once_is_rerun_and_its_requests_finish():
     engine, executor, pool = make_engine()
     try:
         executor.fail_next = True
-        first = asyncio.run(collect(engine, request(5, ignore_eos=True)))
-        assert first[-1].finished and first[-1].request.status is RequestStatus.ABORTED
-        assert "device lost" in first[-1].request.abort_reason
-        second = asyncio.run(collect(engine, request(5, ignore_eos=True)))
-        assert second[-1].finish_reason is FinishReason.LENGTH
+        outs = asyncio.run(collect(engine, request(5, ignore_eos=True)))
+        assert outs[-1].finish_reason is FinishReason.LENGTH
+        assert [t for o in outs for t in o.new_token_ids] == [1, 2, 3, 4, 5]
+        assert pool.num_free_device_blocks == 64
+    finally:
+        engine.shutdown()
+
+
+def test_a_request_that_breaks_the_step_ends_alone_and_its_neighbours_run_on():
+    engine, executor, pool = make_engine(delay_s=0.002)
+    victims = [request(60, ignore_eos=True) for _ in range(3)]
+    poisoned = request(40, ignore_eos=True)
+    executor.poisoned.add(poisoned.request_id)
+
+    async def main():
+        streams = [asyncio.ensure_future(collect(engine, r)) for r in victims]
+        while sum(r.num_output_tokens for r in victims) < 10:  # the victims are mid-stream
+            await asyncio.sleep(0.001)
+        bad = await collect(engine, poisoned)
+        return await asyncio.gather(*streams), bad
+
+    try:
+        results, bad = asyncio.run(main())
+        assert bad[-1].finished and poisoned.status is RequestStatus.ABORTED
+        assert poisoned.abort_reason.startswith(ENGINE_ERROR) and "IndexError" in poisoned.abort_reason
+        for req, outs in zip(victims, results):
+            assert outs[-1].finish_reason is FinishReason.LENGTH
+            assert [t for o in outs for t in o.new_token_ids] == [(i + 1) % 50 for i in range(60)]
         assert pool.num_free_device_blocks == 64
     finally:
         engine.shutdown()
@@ -140,3 +179,91 @@ def test_shutdown_ends_live_requests():
     asyncio.run(main())
     assert seen[-1].finished and req.status is RequestStatus.ABORTED and req.abort_reason == "shutdown"
     assert pool.num_free_device_blocks == 64
+
+
+def test_an_abort_drained_with_its_add_ends_that_request_only():
+    """The engine thread drains its inbox in batches: a request aborted before the batch is
+    admitted must not make the admission of the others in the batch fail."""
+    clock = WallClock()
+    pool = BlockManager(64, 0, block_size=4)
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64), make_policy("fcfs"), pool, clock)
+    loop = EngineLoop(EngineCore(scheduler, CountingExecutor()))
+    gone, kept, finished = request(5, ignore_eos=True), request(5, ignore_eos=True), request(5, ignore_eos=True)
+    outs: list = []
+    for req in (gone, kept, finished):
+        loop.submit(req, outs.append)
+    loop.abort(gone.request_id, "client disconnected")
+    loop.finish(finished.request_id)  # e.g. a stop string seen before the request ran
+    loop.start()  # the first drain holds the three adds, the abort and the finish
+    try:
+        assert wait_until(lambda: kept.status.is_done)
+        assert kept.finish_reason is FinishReason.LENGTH and kept.num_output_tokens == 5
+        assert gone.status is RequestStatus.ABORTED and gone.abort_reason == "client disconnected"
+        assert finished.status is RequestStatus.FINISHED and finished.num_output_tokens == 0
+        assert scheduler.num_queued == 0 and not scheduler.has_work
+        assert {o.request.request_id for o in outs if o.finished} == {r.request_id for r in (gone, kept, finished)}
+    finally:
+        loop.stop()
+
+
+def test_on_end_reports_every_ending():
+    engine, _, _ = make_engine(delay_s=0.005)
+    ended: list = []
+    reqs = [request(50, ignore_eos=True) for _ in range(2)]
+
+    async def main():
+        async for _ in engine.generate(reqs[0], on_end=ended.append):
+            break  # the client leaves after the first output
+        async for out in engine.generate(reqs[1], on_end=ended.append):
+            engine.loop.finish(reqs[1].request_id)  # the server saw a stop string
+            break
+
+    try:
+        asyncio.run(main())
+        assert wait_until(lambda: len(ended) == 2)
+        assert {r.request_id for r in ended} == {r.request_id for r in reqs}
+    finally:
+        engine.shutdown()
+
+
+class FlakyRanker(Predictor):
+    """Scores by prompt length; raises on a prompt whose text is "boom"."""
+
+    name = "flaky"
+    gives_lengths = False
+
+    def score(self, requests):
+        if any(r.prompt_text == "boom" for r in requests):
+            raise RuntimeError("feature extraction failed")
+        for r in requests:
+            r.set_prediction(float(r.prompt_len))
+
+
+def test_a_predictor_that_raises_queues_its_request_in_arrival_order(caplog):
+    pool = BlockManager(256, 0, block_size=4)
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs=1, max_num_batched_tokens=64), make_policy("sjf"),
+                          pool, WallClock())
+    loop = EngineLoop(EngineCore(scheduler, CountingExecutor(delay_s=0.002), FlakyRanker()))
+    ended: list[Request] = []
+
+    def submit(prompt_len: int, text: str | None = None) -> Request:
+        req = Request(list(range(prompt_len)), SamplingParams(max_tokens=3, ignore_eos=True), prompt_text=text)
+        loop.submit(req, lambda out: out.finished and ended.append(out.request))
+        return req
+
+    blocker = submit(1)
+    loop.start()
+    assert wait_until(lambda: blocker.status is RequestStatus.RUNNING or blocker.status.is_done)
+    try:
+        short, long = submit(3), submit(9)
+        failed = [submit(2, "boom"), submit(2, "boom")]  # would rank first if scored by length
+        later = submit(20)  # arrives after them: FCFS would run it last
+        assert wait_until(lambda: len(ended) == 6)
+    finally:
+        loop.stop()
+    order = [r.request_id for r in ended]
+    assert order[:3] == [blocker.request_id, short.request_id, long.request_id]
+    assert {r.request_id for r in failed} == set(order[3:5]) and order[5] == later.request_id
+    assert all(r.finish_reason is FinishReason.LENGTH for r in ended)
+    assert loop.stats.predictor_failures == 2
+    assert len([r for r in caplog.records if "predictor" in r.getMessage()]) == 1  # logged once

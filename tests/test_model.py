@@ -491,6 +491,35 @@ def test_sampler():
     assert draws == {1, 2}
 
 
+def test_logit_bias_moves_the_choice_and_takes_the_batched_path_out():
+    from rankserve.core import Request, SamplingParams
+    from rankserve.model.runner import Sampler
+
+    logits = torch.tensor([[0.0, 3.0, 2.9, -1.0, 1.0]])
+    biased = Request([0], SamplingParams(temperature=0.0, logit_bias=((4, 2.5), (1, -100.0))))
+    assert Sampler().sample_rows(logits, [biased]) == [4]
+    banned = Request([0], SamplingParams(top_k=2, logit_bias=((1, -100.0),)))
+    assert {Sampler(seed=i).sample(logits[0], banned) for i in range(20)} == {2, 4}
+
+
+def test_seeded_generators_go_with_their_requests():
+    """Each seeded request's generator is dropped with the request, however it ended."""
+    import gc
+
+    from rankserve.core import Request, SamplingParams
+    from rankserve.model.runner import Sampler
+
+    sampler = Sampler()
+    logits = torch.tensor([0.0, 3.0, 2.9])
+    reqs = [Request([0], SamplingParams(seed=i)) for i in range(5)]
+    for req in reqs:
+        sampler.sample(logits, req)
+    assert len(sampler._per_request) == 5
+    del req, reqs
+    gc.collect()
+    assert len(sampler._per_request) == 0
+
+
 def test_sampler_keeps_stop_tokens_out_until_min_tokens():
     from rankserve.core import Request, SamplingParams
     from rankserve.model.runner import Sampler

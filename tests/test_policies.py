@@ -250,6 +250,32 @@ def test_unknown_policy_and_bad_parameters():
         make_policy("ltr", c=0.8)
 
 
+def test_finishing_a_request_never_added_leaves_the_queue_count_alone():
+    from rankserve.core import FinishReason, Request, SamplingParams
+
+    h = Harness(make_policy("fcfs"))
+    h.sched.finish(Request([1, 2], SamplingParams(max_tokens=3)), FinishReason.STOP)
+    assert h.sched.num_queued == 0
+    kept = h.add(3)
+    assert h.sched.has_work
+    h.run_until_idle()
+    assert kept.status is RequestStatus.FINISHED
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "sjf"])
+def test_aborted_queued_requests_do_not_pile_up_in_the_queue(policy):
+    """Under sustained overload most queued requests are aborted (clients give up) before they
+    surface; their heap entries must not outlive them."""
+    h = Harness(make_policy(policy), max_num_seqs=1)
+    h.add(1_000, pred=0.0)
+    h.step()  # runs; everything after it waits
+    front = h.add(5, pred=1.0)
+    for i in range(2_000):
+        h.sched.abort(h.add(5, pred=2.0 + i), "client disconnected")
+    assert h.sched.num_queued == 1 and front.status is RequestStatus.WAITING
+    assert len(h.sched._queue) <= 2 * h.sched.num_queued + 64
+
+
 # ---- ltr made robust to predictor error (issue 17) ---------------------------------------------
 
 

@@ -24,7 +24,8 @@ def server():
                                             policy="ltr", predictor="ranker"))
     except ModelNotFoundError as exc:
         pytest.skip(str(exc))
-    app = build_app(ServerConfig(loaded.model_name, loaded.max_model_len), loaded.tokenizer, loaded.engine)
+    app = build_app(ServerConfig(loaded.model_name, loaded.max_model_len, vocab_size=loaded.vocab_size),
+                    loaded.tokenizer, loaded.engine)
     with serve_on_loopback(app) as url:
         yield openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60), loaded
     loaded.engine.shutdown()

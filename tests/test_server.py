@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
-from helpers import wait_until
+from helpers import serve_on_loopback, wait_until
 from test_engine_loop import make_engine
 
 from rankserve.server.app import ServerConfig, build_app
@@ -30,7 +33,7 @@ class CharTokenizer:
 @pytest.fixture
 def served():
     engine, executor, pool = make_engine(blocks=256)
-    app = build_app(ServerConfig("tiny", max_model_len=200), CharTokenizer(), engine)
+    app = build_app(ServerConfig("tiny", max_model_len=200, vocab_size=50), CharTokenizer(), engine)
     with TestClient(app) as client:
         yield client, engine, pool
     engine.shutdown()
@@ -99,6 +102,23 @@ def test_stop_string_cuts_the_text_and_ends_the_request(served):
         ("/v1/completions", {"max_tokens": 3}, 400, "prompt"),
         ("/v1/chat/completions", {"messages": []}, 400, "messages"),
         ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages.0.role"),
+        # Everything the engine could choke on is refused before admission (the vocabulary is 50).
+        ("/v1/completions", {"prompt": [1, 50]}, 400, "prompt"),
+        ("/v1/completions", {"prompt": [-1, 2]}, 400, "prompt"),
+        ("/v1/completions", {"prompt": "a", "seed": 2**64}, 400, "seed"),
+        ("/v1/completions", {"prompt": "a", "seed": -(2**63) - 1}, 400, "seed"),
+        ("/v1/completions", {"prompt": "a", "logit_bias": {"50": 1}}, 400, "logit_bias"),
+        ("/v1/completions", {"prompt": "a", "logit_bias": {"-1": 1}}, 400, "logit_bias"),
+        ("/v1/completions", {"prompt": "a", "logit_bias": {"x": 1}}, 400, "logit_bias"),
+        ("/v1/completions", {"prompt": "a", "logit_bias": {"3": 101}}, 400, "logit_bias"),
+        ("/v1/completions", {"prompt": "a", "stop_token_ids": [50]}, 400, "stop_token_ids"),
+        ("/v1/completions", {"prompt": "a", "stop_token_ids": [-5]}, 400, "stop_token_ids"),
+        ("/v1/completions", {"prompt": "a", "top_k": -2}, 400, "top_k"),
+        ("/v1/completions", {"prompt": "a", "priority": 2**70}, 400, "priority"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "stop_token_ids": [99]},
+         400, "stop_token_ids"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logit_bias": {"77": -1}},
+         400, "logit_bias"),
     ],
 )
 def test_bad_requests_get_openai_errors(served, path, body, status, param):
@@ -108,6 +128,37 @@ def test_bad_requests_get_openai_errors(served, path, body, status, param):
     error = r.json()["error"]
     assert error["message"] and error["type"] and error["param"] == param
     assert pool.num_free_device_blocks == 256
+
+
+def test_ignore_eos_ignores_only_eos(served):
+    client, _, _ = served
+    body = {"prompt": "a", "max_tokens": 60, "ignore_eos": True}
+    r = client.post("/v1/completions", json={**body, "stop_token_ids": [3]})
+    assert r.json()["choices"][0] == {"index": 0, "text": "bcd", "logprobs": None, "finish_reason": "stop"}
+    r = client.post("/v1/completions", json=body)  # runs past EOS (token 49)
+    assert r.json()["usage"]["completion_tokens"] == 60 and r.json()["choices"][0]["finish_reason"] == "length"
+
+
+def test_edge_values_the_engine_takes_are_accepted(served):
+    client, _, pool = served
+    for extra in ({"seed": -(2**63)}, {"seed": 2**63 - 1}, {"prompt": [0, 49]}, {"logit_bias": {"3": -100}},
+                  {"top_k": -1}, {"stop_token_ids": [0, 49], "ignore_eos": True}):
+        r = client.post("/v1/completions", json={"prompt": "ab", "max_tokens": 3, **extra})
+        assert r.status_code == 200, (extra, r.text)
+    assert pool.num_free_device_blocks == 256
+
+
+@pytest.mark.parametrize("raw, param", [
+    (b'{"prompt": "a", "temperature": NaN}', "temperature"),
+    (b'{"prompt": "a", "repetition_penalty": Infinity}', "repetition_penalty"),
+    (b'{"prompt": "a\\ud800"}', "prompt"),
+    (b'{"prompt": "a", "stop": ["\\udfff"]}', "stop"),
+])
+def test_non_finite_numbers_and_broken_unicode_are_refused(served, raw, param):
+    client, _, _ = served
+    r = client.post("/v1/completions", content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
 
 
 def test_unknown_route_and_bad_json(served):
@@ -132,6 +183,7 @@ def test_api_key_loading_and_full_queue():
             assert r.json()["data"][0]["id"] == "tiny"
             r = client.post("/v1/completions", json={"prompt": "a"}, headers={"Authorization": "Bearer s3cret"})
             assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
+            assert int(r.headers["retry-after"]) >= 1
     finally:
         engine.shutdown()
 
@@ -167,7 +219,7 @@ def test_client_that_leaves_mid_stream_frees_its_blocks():
 
 
 def test_prometheus_metrics_use_vllm_names(served):
-    client, _, _ = served
+    client, engine, _ = served
     for _ in range(3):
         client.post("/v1/completions", json={"prompt": "ab", "max_tokens": 4, "ignore_eos": True})
     text = client.get("/metrics").text
@@ -187,3 +239,114 @@ def test_prometheus_metrics_use_vllm_names(served):
     assert 3 <= totals["rankserve:engine_steps_total"] <= 12
     assert totals["rankserve:engine_busy_seconds_total"] > 0
     assert totals["rankserve:predictor_scoring_seconds_total"] >= 0
+    assert totals["rankserve:predictor_failures_total"] == 0
+    engine.loop.stats.predictor_failures = 2  # what the engine thread counts (test_engine_loop)
+    assert 'rankserve:predictor_failures_total{model_name="tiny"} 2.0' in client.get("/metrics").text
+
+
+def test_a_request_that_breaks_the_engine_gets_an_error_and_a_victim_stream_completes():
+    engine, executor, pool = make_engine(delay_s=0.003, blocks=256)
+    real_execute = executor.execute
+
+    def execute(out):  # a bug only one request triggers (validation bypassed)
+        if any(r.prompt_text == "poison" for r in out.requests):
+            raise IndexError("index out of range in self")
+        return real_execute(out)
+
+    executor.execute = execute
+    app = build_app(ServerConfig("tiny", max_model_len=1000, vocab_size=50), CharTokenizer(), engine)
+    try:
+        with TestClient(app) as client:
+            with client.stream("POST", "/v1/completions", json={
+                    "prompt": "victim", "max_tokens": 300, "ignore_eos": True, "stream": True}) as victim:
+                lines = victim.iter_lines()
+                assert next(line for line in lines if line.startswith("data: "))  # it is running
+                r = client.post("/v1/completions", json={"prompt": "poison", "max_tokens": 50})
+                assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+                assert "IndexError" in r.json()["error"]["message"]
+                with client.stream("POST", "/v1/chat/completions", json={
+                        "messages": [{"role": "user", "content": "poison"}], "stream": True}) as bad:
+                    events = [json.loads(line[6:]) for line in bad.iter_lines()
+                              if line.startswith("data: {")]
+                assert bad.status_code == 500 or "error" in events[-1]
+                rest = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+            assert rest[-1]["choices"][0]["finish_reason"] == "length"
+        assert wait_until(lambda: pool.num_free_device_blocks == 256)
+    finally:
+        engine.shutdown()
+
+
+@pytest.fixture
+def slow_server():
+    """The app on a real loopback port, over an engine that takes 10 ms a step (4 running at most)."""
+    engine, _, pool = make_engine(delay_s=0.01, blocks=256)
+    app = build_app(ServerConfig("tiny", max_model_len=1000, vocab_size=50), CharTokenizer(), engine)
+    try:
+        with serve_on_loopback(app) as url:
+            yield url, engine, pool
+    finally:
+        engine.shutdown()
+
+
+LONG = {"max_tokens": 900, "ignore_eos": True}
+BODIES = {"/completions": {"prompt": "abc", **LONG},
+          "/chat/completions": {"messages": [{"role": "user", "content": "abc"}], **LONG}}
+
+
+@pytest.mark.parametrize("path", list(BODIES))
+def test_a_client_that_times_out_aborts_its_request_within_a_second(slow_server, path, caplog):
+    url, engine, pool = slow_server
+    scheduler = engine.loop.core.scheduler
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url + path, json=BODIES[path], timeout=0.5)
+    assert scheduler.has_work or pool.num_free_device_blocks == 256  # it was not done after 0.5 s
+    assert wait_until(lambda: not scheduler.has_work, timeout_s=1.0)
+    assert pool.num_free_device_blocks == 256
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]  # the server took it in its stride
+
+
+@pytest.mark.parametrize("path", list(BODIES))
+def test_a_client_that_leaves_while_queued_takes_its_request_out_of_the_queue(slow_server, path):
+    url, engine, pool = slow_server
+    scheduler = engine.loop.core.scheduler
+
+    def occupy() -> None:  # 4 long requests fill the running batch (9 s each), then leave
+        with contextlib.suppress(httpx.TimeoutException):
+            httpx.post(url + path, json=BODIES[path], timeout=3.0)
+
+    blockers = [threading.Thread(target=occupy) for _ in range(4)]
+    for t in blockers:
+        t.start()
+    assert wait_until(lambda: len(scheduler.running) == 4, timeout_s=10)
+    with pytest.raises(httpx.ReadTimeout):  # a stream that never got its first token
+        with httpx.stream("POST", url + path, json={**BODIES[path], "stream": True}, timeout=0.5) as r:
+            r.read()
+    assert wait_until(lambda: scheduler.num_queued == 0, timeout_s=1.0)
+    assert len(scheduler.running) == 4  # the blockers still run: the queued one left on its own
+    assert scheduler.live_requests() == list(scheduler.running.values())
+    for t in blockers:
+        t.join()
+    assert wait_until(lambda: not scheduler.has_work, timeout_s=1.0)
+    assert pool.num_free_device_blocks == 256
+
+
+def test_requests_ended_by_a_stop_string_or_a_disconnect_are_counted():
+    engine, _, _ = make_engine(delay_s=0.005, blocks=256)
+    app = build_app(ServerConfig("tiny", max_model_len=1000, vocab_size=50), CharTokenizer(), engine)
+
+    def count(reason: str) -> float:
+        line = f'vllm:request_success_total{{finished_reason="{reason}",model_name="tiny"}}'
+        found = [x for x in client.get("/metrics").text.splitlines() if x.startswith(line)]
+        return float(found[0].split()[-1]) if found else 0.0
+
+    try:
+        with TestClient(app) as client:
+            r = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 100, "stop": ["fg"]})
+            assert r.json()["choices"][0]["finish_reason"] == "stop"
+            assert wait_until(lambda: count("stop") == 1)
+            with client.stream("POST", "/v1/completions",
+                               json={"prompt": "a", "max_tokens": 900, "ignore_eos": True, "stream": True}) as r:
+                next(line for line in r.iter_lines() if line.startswith("data: "))  # then leave
+            assert wait_until(lambda: count("abort") == 1)
+    finally:
+        engine.shutdown()

@@ -186,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-queued", type=_checked(_positive_int), default=4096,
                     help="answer 429 beyond this many waiting requests")
     sv.add_argument("--seed", type=int, default=0)
+    sv.add_argument("--shutdown-timeout", type=_checked(_non_negative), default=10.0,
+                    help="on SIGTERM/SIGINT, seconds to let requests in flight finish before aborting them")
     sv.set_defaults(run=cmd_serve, parser=sv)
 
     add_label_command(sub, _checked(_positive_int), _checked(_non_negative))
@@ -331,7 +333,7 @@ def cmd_sweep(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 def cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from rankserve.core.policies import POLICIES, make_policy
     from rankserve.model.loader import ModelNotFoundError
-    from rankserve.server.serve import EngineSettings, serve
+    from rankserve.server.serve import EngineSettings, ModelLoadError, serve
 
     policy = POLICIES[args.policy]
     try:
@@ -357,9 +359,13 @@ def cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         preemption_mode=args.preemption_mode, max_model_len=args.max_model_len, seed=args.seed,
     )
     try:
-        serve(settings, args.host, args.port, args.api_key, args.max_queued, args.served_model_name)
+        serve(settings, args.host, args.port, args.api_key, args.max_queued, args.served_model_name,
+              args.shutdown_timeout)
     except (ModelNotFoundError, ValueError) as exc:
         parser.error(f"argument --model: {exc}")
+    except ModelLoadError as exc:
+        print(f"rankserve serve: error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -153,17 +153,18 @@ class Scheduler:
         if req.status.is_done:
             return
         req.abort_reason = reason
-        if req.queue_version == 0:  # never added: nothing of it to release
-            req.status = RequestStatus.ABORTED
-            req.finish_reason = FinishReason.ABORT
-            req.finished_time = self.clock.now()
-            return
-        self._finish(req, FinishReason.ABORT, self.clock.now(), RequestStatus.ABORTED)
+        self._end(req, FinishReason.ABORT, RequestStatus.ABORTED)
 
     def finish(self, req: Request, reason: FinishReason) -> None:
         """End ``req`` as finished (the engine calls this, e.g. on a stop string)."""
         if not req.status.is_done:
-            self._finish(req, reason, self.clock.now(), RequestStatus.FINISHED)
+            self._end(req, reason, RequestStatus.FINISHED)
+
+    def _end(self, req: Request, reason: FinishReason, status: RequestStatus) -> None:
+        if req.queue_version == 0:  # never added: nothing of it to release, not counted as queued
+            req.status, req.finish_reason, req.finished_time = status, reason, self.clock.now()
+            return
+        self._finish(req, reason, self.clock.now(), status)
 
     @property
     def num_queued(self) -> int:
@@ -228,7 +229,7 @@ class Scheduler:
         n = len(req.output_token_ids)
         if n >= sp.max_tokens:
             return FinishReason.LENGTH
-        if sp.stop_token_ids and n >= sp.min_tokens and not sp.ignore_eos and token in sp.stop_token_ids:
+        if sp.stop_token_ids and n >= sp.min_tokens and token in sp.stop_token_ids:
             return FinishReason.STOP
         return None
 
@@ -238,6 +239,7 @@ class Scheduler:
         elif req.status.is_queued:
             self._num_queued -= 1
             self.paused.pop(req.seq, None)
+            self._drop_stale_entries()  # its heap entry is stale now
         if req.block_table:
             self.blocks.free(req)
         req.status = status
@@ -255,6 +257,16 @@ class Scheduler:
         """Re-insert a queued request whose key changed; its old heap entry goes stale."""
         req.queue_version += 1
         heapq.heappush(self._queue, (self.policy.key(req), req.queue_version, req))
+        self._drop_stale_entries()
+
+    def _drop_stale_entries(self) -> None:
+        """Rebuild the heap once stale entries (aborted or re-keyed requests) outnumber live ones:
+        otherwise those ranked low never surface and pin finished requests. Amortised O(log n)."""
+        q = self._queue
+        if len(q) <= 2 * self._num_queued + 64:
+            return
+        self._queue = [e for e in q if e[1] == e[2].queue_version and e[2].status.is_queued]
+        heapq.heapify(self._queue)
 
     def _peek(self) -> Request | None:
         q = self._queue

@@ -3,7 +3,7 @@
 The server's event loop never runs model code: it hands requests and aborts to the engine thread
 through a queue, and the engine thread hands token deltas back with ``call_soon_threadsafe``.
 Every accepted request ends with a final output: finished, aborted (client gone, shutdown), or
-aborted because a step failed.
+aborted because its computation failed (``ENGINE_ERROR``; the core keeps its neighbours running).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from rankserve.core.request import FinishReason, Request
-from rankserve.engine.core import EngineCore
+from rankserve.engine.core import ENGINE_ERROR, EngineCore
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,7 @@ class EngineStats:
     scoring_s: float = 0.0  # scoring arrivals in EngineCore.add_requests
     prefill_tokens: int = 0
     decode_tokens: int = 0
+    predictor_failures: int = 0  # arrivals the predictor raised on (queued in arrival order)
 
 
 class EngineLoop:
@@ -95,6 +96,11 @@ class EngineLoop:
         self._inbox.put(("add", req, on_output))
         self._wake.set()
 
+    @property
+    def num_waiting(self) -> int:
+        """Requests handed over and not yet running: queued, or still in the inbox."""
+        return self.core.scheduler.num_queued + self._inbox.qsize()
+
     def abort(self, request_id: str, reason: str = "aborted") -> None:
         self._inbox.put(("abort", request_id, reason))
         self._wake.set()
@@ -116,10 +122,10 @@ class EngineLoop:
             started = time.perf_counter()
             try:
                 out, _ = self.core.step()
-            except Exception as exc:  # a failed step must not lose the requests in it
+            except Exception as exc:  # not one request's doing (the core isolates those): end them all
                 log.exception("engine step failed")
                 for req, _cb in list(self._live.values()):
-                    self._end(req, f"engine error: {exc}")
+                    self._end(req, f"{ENGINE_ERROR}: {exc}")
                 continue
             stats = self.stats
             stats.busy_s += time.perf_counter() - started
@@ -155,11 +161,13 @@ class EngineLoop:
                     self._emit(req)
                 else:
                     self._end(req, second)
+        # An abort or finish drained with its own add has already ended that request.
+        added = [req for req in added if not req.status.is_done]
         if added:
             # Score arrivals in one batch (the predictor runs here, between steps, never inside one).
             started = time.perf_counter()
             try:
-                self.core.add_requests(added)
+                self.stats.predictor_failures += self.core.add_requests(added)
             except Exception as exc:
                 log.exception("admission failed")
                 for req in added:
@@ -197,10 +205,20 @@ class AsyncEngine:
         self.loop = EngineLoop(core)
         self.loop.start()
 
-    async def generate(self, req: Request) -> AsyncIterator[RequestOutput]:
+    async def generate(self, req: Request, on_end: Callable[[Request], None] | None = None
+                       ) -> AsyncIterator[RequestOutput]:
+        """The request's outputs as they come. ``on_end(req)`` runs in the engine thread when the
+        request ends, however it ends (also after the caller stopped iterating)."""
         event_loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        self.loop.submit(req, lambda out: event_loop.call_soon_threadsafe(outputs.put_nowait, out))
+
+        def deliver(out: RequestOutput) -> None:
+            if out.finished and on_end is not None:
+                on_end(out.request)
+            if not event_loop.is_closed():  # after the server stopped, nobody is listening
+                event_loop.call_soon_threadsafe(outputs.put_nowait, out)
+
+        self.loop.submit(req, deliver)
         finished = False
         try:
             while not finished:

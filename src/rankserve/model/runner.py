@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -47,10 +48,8 @@ class Sampler:
 
     def __init__(self, seed: int = 0) -> None:
         self._default = torch.Generator().manual_seed(seed)
-        self._per_request: dict[int, torch.Generator] = {}
-
-    def forget(self, req: Request) -> None:
-        self._per_request.pop(req.seq, None)
+        # Weak keys: a request's generator goes with the request, however it ended.
+        self._per_request: weakref.WeakKeyDictionary[Request, torch.Generator] = weakref.WeakKeyDictionary()
 
     @staticmethod
     def _too_early_to_stop(req: Request) -> bool:
@@ -60,7 +59,8 @@ class Sampler:
     @classmethod
     def _plain_greedy(cls, req: Request) -> bool:
         sp = req.sampling
-        return sp.temperature == 0 and sp.repetition_penalty == 1.0 and not cls._too_early_to_stop(req)
+        return (sp.temperature == 0 and sp.repetition_penalty == 1.0 and not sp.logit_bias
+                and not cls._too_early_to_stop(req))
 
     def sample_rows(self, logits: torch.Tensor, requests: Sequence[Request]) -> list[int]:
         """One token per row of ``logits`` [num_requests, vocab]; the plain greedy rows share one
@@ -72,6 +72,9 @@ class Sampler:
     def sample(self, logits: torch.Tensor, req: Request) -> int:
         sp: SamplingParams = req.sampling
         logits = logits.float()
+        if sp.logit_bias:  # ids were checked against the vocabulary at admission
+            ids, biases = zip(*sp.logit_bias)
+            logits = logits.index_add(0, torch.tensor(ids), torch.tensor(biases, dtype=logits.dtype))
         if self._too_early_to_stop(req):
             logits = logits.clone()
             logits[[t for t in sp.stop_token_ids if t < logits.shape[-1]]] = float("-inf")
@@ -94,9 +97,9 @@ class Sampler:
             logits = logits.scatter(0, order[drop], float("-inf"))
         probs = logits.softmax(-1)
         if sp.seed is not None:
-            gen = self._per_request.get(req.seq)
+            gen = self._per_request.get(req)
             if gen is None:
-                gen = self._per_request[req.seq] = torch.Generator().manual_seed(sp.seed)
+                gen = self._per_request[req] = torch.Generator().manual_seed(sp.seed)
         else:
             gen = self._default
         return _draw(probs, gen)
@@ -156,8 +159,3 @@ class ModelExecutor:
 
     def hidden_states(self) -> HiddenStates | None:
         return self._hidden
-
-    def release(self, requests: Sequence[Request]) -> None:
-        """Forget per-request sampler state of finished requests."""
-        for req in requests:
-            self.sampler.forget(req)

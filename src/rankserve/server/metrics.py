@@ -19,6 +19,8 @@ _ENGINE_COUNTERS = (
     ("rankserve:predictor_scoring_seconds", "Seconds spent scoring arrivals at admission.", "scoring_s"),
     ("rankserve:engine_prefill_tokens", "Prompt tokens computed (recompute included).", "prefill_tokens"),
     ("rankserve:engine_decode_tokens", "Decode tokens computed.", "decode_tokens"),
+    ("rankserve:predictor_failures", "Arrivals the predictor raised on (queued in arrival order).",
+     "predictor_failures"),
 )
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)

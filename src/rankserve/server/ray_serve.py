@@ -83,7 +83,8 @@ class EngineReplica:
 
         self.loaded = load_engine(settings)
         name = served_model_name or self.loaded.model_name
-        self.app = build_app(ServerConfig(name, self.loaded.max_model_len), self.loaded.tokenizer, self.loaded.engine)
+        config = ServerConfig(name, self.loaded.max_model_len, vocab_size=self.loaded.vocab_size)
+        self.app = build_app(config, self.loaded.tokenizer, self.loaded.engine)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.generated: dict[str, int] = {}  # route id -> output tokens streamed so far
 

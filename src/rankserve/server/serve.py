@@ -1,12 +1,14 @@
 """``rankserve serve``: load a model, build the engine around the one scheduler, run the app.
 
-The app answers 503 while the model loads in the background, then serves.
+The app answers 503 while the model loads in the background, then serves; a model that fails to
+load ends the process (non-zero). SIGTERM or SIGINT drains it (see ``_DrainingServer``).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -63,6 +65,7 @@ class LoadedEngine:
     tokenizer: HFTextTokenizer
     model_name: str
     max_model_len: int
+    vocab_size: int
 
 
 def build_core(settings: EngineSettings):
@@ -107,14 +110,66 @@ def load_engine(settings: EngineSettings) -> LoadedEngine:
     from rankserve.model.loader import load_tokenizer
 
     files, core, max_len = build_core(settings)
-    return LoadedEngine(AsyncEngine(core), HFTextTokenizer(load_tokenizer(files)), files.name, max_len)
+    return LoadedEngine(AsyncEngine(core), HFTextTokenizer(load_tokenizer(files)), files.name, max_len,
+                        core.executor.model.cfg.vocab_size)
+
+
+_LAST_EVENTS_S = 10.0  # after the abort, for the aborted answers to go out (ms unless the host is swamped)
+
+
+class ModelLoadError(RuntimeError):
+    """The model failed to load after the server started (it exits instead of answering 503)."""
+
+
+class _DrainingServer:
+    """uvicorn, with a graceful shutdown on SIGTERM or SIGINT: stop admitting (503, /health too),
+    let in-flight requests finish for up to ``shutdown_timeout`` seconds, abort the rest (their
+    streams end with a finish reason), then exit. A second signal exits at once."""
+
+    def __init__(self, app, host: str, port: int, shutdown_timeout: float) -> None:
+        import uvicorn
+
+        self.app = app
+        self.shutdown_timeout = shutdown_timeout
+        # The backstop for connections that outlive the drain (the aborted answers take ms).
+        config = uvicorn.Config(app, host=host, port=port, log_level="info",
+                                timeout_graceful_shutdown=_LAST_EVENTS_S)
+        self.server = uvicorn.Server(config)
+        self.server.handle_exit = self._on_signal  # not re-raised after the shutdown: the exit status stays 0
+
+    def run(self) -> None:
+        self.server.run()
+
+    def stop(self) -> None:
+        """End without draining (e.g. the model failed to load)."""
+        self.server.should_exit = True
+
+    def _on_signal(self, sig: int, _frame) -> None:
+        if self.app.state.draining:
+            self.server.force_exit = self.server.should_exit = True
+            return
+        log.info("signal %d: refusing new requests; draining for up to %g s", sig, self.shutdown_timeout)
+        self.app.state.draining = True
+        threading.Thread(target=self._drain, name="rankserve-drain", daemon=True).start()
+
+    def _drain(self) -> None:
+        state = self.app.state
+        deadline = time.monotonic() + self.shutdown_timeout
+        while state.in_flight and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if state.engine is not None:
+            if state.in_flight:
+                log.info("aborting %d requests still in flight", state.in_flight)
+            state.engine.shutdown()  # live requests end aborted ("shutdown")
+        deadline = time.monotonic() + _LAST_EVENTS_S  # let their last events go out
+        while state.in_flight and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.server.should_exit = True
 
 
 def serve(settings: EngineSettings, host: str, port: int, api_key: str | None, max_queued: int,
-          served_model_name: str | None = None) -> None:
-    """Run the server until interrupted."""
-    import uvicorn
-
+          served_model_name: str | None = None, shutdown_timeout: float = 10.0) -> None:
+    """Run the server until a signal drains it. Raises ModelLoadError if the model fails to load."""
     from rankserve.model.loader import load_model_dir
     from rankserve.server.app import ServerConfig, build_app
 
@@ -122,20 +177,26 @@ def serve(settings: EngineSettings, host: str, port: int, api_key: str | None, m
     name = served_model_name or files.name
     config = ServerConfig(name, max_model_len=settings.max_model_len or 1, api_key=api_key, max_queued=max_queued)
     app = build_app(config, tokenizer=None, engine=None)
+    server = _DrainingServer(app, host, port, shutdown_timeout)
+    failure: list[BaseException] = []
 
     def load() -> None:
         try:
             loaded = load_engine(settings)
-        except Exception:
+        except Exception as exc:  # noqa: BLE001 - reported by serve() once uvicorn has stopped
             log.exception("loading the model failed")
+            failure.append(exc)
+            server.stop()
             return
-        config.max_model_len = loaded.max_model_len
+        config.max_model_len, config.vocab_size = loaded.max_model_len, loaded.vocab_size
         app.state.tokenizer = loaded.tokenizer
         app.state.engine = loaded.engine
 
     threading.Thread(target=load, name="rankserve-load", daemon=True).start()
     try:
-        uvicorn.run(app, host=host, port=port, log_level="info")
+        server.run()
     finally:
         if app.state.engine is not None:
             app.state.engine.shutdown()
+    if failure:
+        raise ModelLoadError(f"loading the model failed: {failure[0]}") from failure[0]
