@@ -42,12 +42,15 @@ def test_fcfs_policy_keeps_arrival_order_and_never_preempts(make_scheduler, make
 def test_better_ranked_arrival_preempts_the_worst_running_one(make_scheduler, make_request, driver):
     s = make_scheduler(max_num_seqs=2, num_blocks=100)
     initial_free = free_blocks(s)
-    for rid, score in (("slow", 9), ("mid", 5)):
-        s.add_request(make_request(rid, max_tokens=6, xargs={"rankserve_score": score}))
+    # Predicted lengths with the scores: ltr preempts only when the victim's predicted remaining work
+    # exceeds the newcomer's by its error margin (4.1x before any request has finished).
+    for rid, length in (("slow", 12), ("mid", 6)):
+        s.add_request(make_request(rid, max_tokens=length,
+                                   xargs={"rankserve_score": length, "rankserve_predicted_len": length}))
     d = driver(s)
     d.step()
     d.step()
-    s.add_request(make_request("fast", max_tokens=2, xargs={"rankserve_score": 1}))
+    s.add_request(make_request("fast", max_tokens=2, xargs={"rankserve_score": 1, "rankserve_predicted_len": 2}))
     step = d.step()
     assert d.preempted == ["slow"]  # the worst-ranked running request, through vLLM's preemption
     assert set(step) == {"mid", "fast"}

@@ -65,8 +65,12 @@ def client(url: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=300)
 
 
-def chat(c: openai.OpenAI, text: str, max_tokens: int, score: float | None = None, **kw):
-    extra = {"ignore_eos": True, **({"vllm_xargs": {"rankserve_score": score}} if score is not None else {})}
+def chat(c: openai.OpenAI, text: str, max_tokens: int, score: float | None = None,
+         predicted_len: int | None = None, **kw):
+    xargs = {"rankserve_score": score} if score is not None else {}
+    if predicted_len is not None:
+        xargs["rankserve_predicted_len"] = predicted_len
+    extra = {"ignore_eos": True, **({"vllm_xargs": xargs} if xargs else {})}
     return c.chat.completions.create(model=SERVED_MODEL_NAME, messages=[{"role": "user", "content": text}],
                                      max_tokens=max_tokens, extra_body=extra, **kw)
 
@@ -89,8 +93,10 @@ def test_a_better_ranked_request_preempts_and_finishes_first(vllm_xargs_only):
     before = metric(url, "vllm:num_preemptions_total")
     finished: list[str] = []
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        # Lengths as well as scores: ltr preempts by predicted work, and a rank score alone is
+        # not turned into a length until enough requests have finished to calibrate it.
         def run(name: str, n: int, score: float) -> None:
-            chat(c, f"Tell me a story about {name}.", n, score=score)
+            chat(c, f"Tell me a story about {name}.", n, score=score, predicted_len=n)
             finished.append(name)
 
         longs = [pool.submit(run, name, 48, 9.0) for name in ("whales", "mountains")]
