@@ -36,7 +36,7 @@ import numpy as np
 from rankserve.bench.experiment import SimSpec, parse_system, simulate_trace
 from rankserve.bench.workloads import arrival_times
 from rankserve.cli.bench import bench_workload
-from rankserve.integrations.vllm_server import free_port, vllm_server_command, vllm_server_env, wait_ready
+from rankserve.integrations.vllm_server import free_port, running_server, vllm_server_command, vllm_server_env
 from rankserve.predict import LEARNED_NAMES
 
 RANKSERVE = [sys.executable, "-m", "rankserve.cli.main"]
@@ -49,7 +49,7 @@ def system_spec(system: str, args) -> SimSpec:
     return parse_system(system, base)
 
 
-def start_rankserve(system: str, port: int, args) -> subprocess.Popen:
+def rankserve_command(system: str, port: int, args) -> list[str]:
     spec = system_spec(system, args)
     cmd = RANKSERVE + ["serve", "--port", str(port), "--policy", spec.policy,
                        "--max-num-seqs", str(args.max_num_seqs),
@@ -61,7 +61,7 @@ def start_rankserve(system: str, port: int, args) -> subprocess.Popen:
         weights = predictor_weights(spec.predictor, args)
         if weights is not None:
             cmd += ["--predictor-weights", str(weights)]
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(args.out / f"{system}.log", "w"))
+    return cmd
 
 
 def predictor_weights(predictor: str, args) -> Path | None:
@@ -75,16 +75,14 @@ def predictor_weights(predictor: str, args) -> Path | None:
     return weights if weights.is_file() else None
 
 
-def start_vllm(port: int, args) -> subprocess.Popen:
+def vllm_command(port: int, args) -> list[str]:
     from rankserve.model.loader import load_model_dir
 
     # Every rate replays the same prompts to one server, so with prefix caching vLLM would prefill
     # each prompt once and serve every later rate from its cache (measured: 1.58 -> 2.01 req/s on a
     # repeat at 3 req/s). Fresh prompts get no hits (0 of 15,983 tokens on this trace's first run).
-    cmd = vllm_server_command(args.vllm_python, port, load_model_dir(None).path, args.max_num_seqs,
-                              args.max_num_batched_tokens, prefix_caching=False)
-    return subprocess.Popen(cmd, env=vllm_server_env(), cwd="/tmp", stdout=subprocess.DEVNULL,
-                            stderr=open(args.out / "vllm-fcfs.log", "w"))
+    return vllm_server_command(args.vllm_python, port, load_model_dir(None).path, args.max_num_seqs,
+                               args.max_num_batched_tokens, prefix_caching=False)
 
 
 def bench_args(args) -> list[str]:
@@ -196,23 +194,19 @@ def main() -> None:
         plan(args)
         return
     args.out.mkdir(parents=True, exist_ok=True)
-    runs = [(s, lambda port, s=s: start_rankserve(s, port, args)) for s in args.systems]
+    # (label, command on a port, environment)
+    runs = [(s, lambda port, s=s: rankserve_command(s, port, args), None) for s in args.systems]
     if args.vllm_python:
-        runs.append(("vllm-fcfs", lambda port: start_vllm(port, args)))
-    for label, start in ([] if args.reuse else runs):
+        runs.append(("vllm-fcfs", lambda port: vllm_command(port, args), vllm_server_env()))
+    for label, command, env in ([] if args.reuse else runs):
         port = free_port()
-        proc = start(port)
-        try:
-            wait_ready(f"http://127.0.0.1:{port}", proc)
-            subprocess.run(RANKSERVE + ["bench", "--url", f"http://127.0.0.1:{port}/v1", "--label", label,
+        with running_server(command(port), port, args.out / f"{label}.log", env) as url:
+            subprocess.run(RANKSERVE + ["bench", "--url", url + "/v1", "--label", label,
                                         "--out", str(args.out), "--no-progress", *bench_args(args)], check=True)
-        finally:
-            proc.terminate()
-            proc.wait(60)
-    subprocess.run(RANKSERVE + ["bench-report", *[str(args.out / f"{label}.json") for label, _ in runs],
+    subprocess.run(RANKSERVE + ["bench-report", *[str(args.out / f"{label}.json") for label, _, _ in runs],
                                 "--baseline", "fcfs", "--out", str(args.out)], check=True)
     if args.simulate:
-        real = [r for label, _ in runs if label != "vllm-fcfs" and system_spec(label, args).predictor != "probe"
+        real = [r for label, _, _ in runs if label != "vllm-fcfs" and system_spec(label, args).predictor != "probe"
                 for r in json.loads((args.out / f"{label}.json").read_text())]
         sim = [simulate_record(r, args) for r in real]
         table = fidelity_table(real, sim)

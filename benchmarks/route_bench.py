@@ -26,8 +26,9 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-from engine_bench import RANKSERVE, free_port, wait_ready
+from engine_bench import RANKSERVE
 
+from rankserve.integrations.vllm_server import free_port, started_server, wait_ready
 from rankserve.route.policies import ROUTER_NAMES
 
 
@@ -36,19 +37,6 @@ def cpu_model() -> str:
         if line.startswith("Model name:"):
             return line.split(":", 1)[1].strip()
     return "unknown CPU"
-
-
-def start(cmd: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(log, "w"), env=env)
-
-
-def stopped(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def report_table(runs: list[tuple[str, str, int, dict]]) -> str:
@@ -103,10 +91,10 @@ def main() -> None:
         backends = []
         for i in range(args.replicas):
             port = free_port()
-            proc = start(RANKSERVE + ["serve", "--port", str(port), "--policy", args.policy,
-                                      "--max-num-seqs", str(args.max_num_seqs), "--kv-cache-gb", "0.5",
-                                      "--swap-space-gb", "0.5"], args.out / f"replica{i}.log", env)
-            stack.callback(stopped, proc)
+            proc = stack.enter_context(started_server(
+                RANKSERVE + ["serve", "--port", str(port), "--policy", args.policy, "--max-num-seqs",
+                             str(args.max_num_seqs), "--kv-cache-gb", "0.5", "--swap-space-gb", "0.5"],
+                args.out / f"replica{i}.log", env))
             backends.append((f"http://127.0.0.1:{port}", proc))
         routers = {}  # every router runs for the whole bench, in front of the same replicas
         for router in args.routers:
@@ -116,16 +104,15 @@ def main() -> None:
                 cmd += ["--backend", url]
             if args.ignore_max_tokens:
                 cmd.append("--ignore-max-tokens")
-            proc = start(cmd, args.out / f"router-{router}.log")
-            stack.callback(stopped, proc)
+            proc = stack.enter_context(started_server(cmd, args.out / f"router-{router}.log"))
             routers[router] = (f"http://127.0.0.1:{port}", proc)
         if args.ray_python:
             port = free_port()
-            proc = start([args.ray_python, "-m", "rankserve.server.ray_serve", "--port", str(port), "--num-cpus",
-                          str(2 * args.replicas), f"replicas={args.replicas}", "router=sal", "num_cpus=1",
-                          f"policy={args.policy}", f"max_num_seqs={args.max_num_seqs}", "kv_cache_gb=0.5",
-                          "swap_space_gb=0.5"], args.out / "ray.log", env)
-            stack.callback(stopped, proc)
+            cmd = [args.ray_python, "-m", "rankserve.server.ray_serve", "--port", str(port), "--num-cpus",
+                   str(2 * args.replicas), f"replicas={args.replicas}", "router=sal", "num_cpus=1",
+                   f"policy={args.policy}", f"max_num_seqs={args.max_num_seqs}", "kv_cache_gb=0.5",
+                   "swap_space_gb=0.5"]
+            proc = stack.enter_context(started_server(cmd, args.out / "ray.log", env))
             routers["ray-sal"] = (f"http://127.0.0.1:{port}", proc)
         for url, proc in [*backends, *routers.values()]:
             wait_ready(url, proc)

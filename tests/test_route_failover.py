@@ -5,8 +5,7 @@ lost and nothing hangs."""
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
+import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,13 +16,9 @@ import httpx
 from helpers import wait_until
 from test_route_proxy import proxy_on
 
+from rankserve.integrations.vllm_server import free_port, started_server, wait_ready
+
 FAKE = Path(__file__).with_name("fake_backend.py")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def healthy(url: str) -> bool:
@@ -36,17 +31,12 @@ def healthy(url: str) -> bool:
 
 @contextmanager
 def fake_process(name: str):
-    """A fake backend in its own process on a free port; killed on exit whatever happens."""
+    """A fake backend in its own process on a free port, answering /health; stopped on exit whatever happens."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, str(FAKE), str(port), name], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        assert wait_until(lambda: healthy(url), 30), f"fake backend {name} did not start"
+    with started_server([sys.executable, str(FAKE), str(port), name], Path(os.devnull)) as proc:
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(url, proc, 30)
         yield proc, url
-    finally:
-        proc.kill()
-        proc.wait(10)
 
 
 def _stream_events(url: str, body: dict) -> list[dict | str]:

@@ -14,6 +14,7 @@ from fake_backend import build_fake_app
 from helpers import serve_on_loopback, wait_until
 
 from rankserve.predict.base import Predictor
+from rankserve.route.load import ScoreLengths
 from rankserve.route.body import mark_score, read_prompt, score_to_priority
 from rankserve.route.proxy import RouterConfig, RoutingProxy, build_proxy_app
 from rankserve.route.scoring import PromptScorer, approximate_tokens
@@ -48,9 +49,19 @@ def fakes(n: int):
         yield out
 
 
+class ScoreOnly(Predictor):
+    """A ranker's kind of answer: a score (0 for prompts starting with "a", else 1), no length."""
+
+    name = "score-only"
+
+    def score(self, requests):
+        for r in requests:
+            r.set_prediction(0.0 if r.prompt_text.startswith("a") else 1.0)
+
+
 @contextmanager
-def proxy_on(urls, predictor=None, **config):
-    proxy = RoutingProxy(RouterConfig(urls, **config), PromptScorer(predictor, approximate_tokens))
+def proxy_on(urls, predictor=None, lengths=None, **config):
+    proxy = RoutingProxy(RouterConfig(urls, **config), PromptScorer(predictor, approximate_tokens), lengths=lengths)
     with serve_on_loopback(build_proxy_app(proxy)) as url:
         yield proxy, url
 
@@ -217,6 +228,27 @@ def test_sal_balances_predicted_work_where_least_requests_counts_requests():
     # backend with less predicted work, least-requests to the next in turn among equals
     assert chosen["sal"] == [0, 1, 1]
     assert chosen["least-requests"] == [0, 1, 0]
+
+
+@pytest.mark.parametrize("a_len, b_len", [(300, 2), (2, 300)])
+def test_sal_with_a_score_only_predictor_follows_the_lengths_learned_per_score(a_len, b_len):
+    a, b = "a" * 40, "b" * 40  # same prompt tokens: only the scores differ
+    lengths = ScoreLengths(bins=2, refit_every=1, min_samples=4)
+    with fakes(2) as pairs, proxy_on([u for u, _ in pairs], ScoreOnly(), lengths, router="sal",
+                                     bound_by_max_tokens=False) as (proxy, url):
+        apps = [x for _, x in pairs]
+        for prompt, n in ((a, a_len), (b, b_len)):  # finished requests teach score -> length
+            _post(url, "/completions", {"prompt": prompt, "max_tokens": n})
+            _post(url, "/completions", {"prompt": prompt, "max_tokens": n, "stream": True})
+        assert wait_until(lambda: (lengths.predict(0.0), lengths.predict(1.0)) == (a_len, b_len))
+        held = [{"prompt": p, "max_tokens": 1000, "fake_delay": 0.05, "fake_id": f} for p, f in ((a, "A"), (b, "B"))]
+        with _long_streams(url, held):
+            assert proxy.backends[_backend_of(apps, "A")].load.outstanding_work > 0
+            _post(url, "/completions", {"prompt": b, "max_tokens": 1, "fake_id": "probe"})
+            where = {f: _backend_of(apps, f) for f in ("A", "B", "probe")}
+    assert where["A"] != where["B"]
+    # the probe joins the held request whose score has learned the shorter length
+    assert where["probe"] == (where["B"] if b_len < a_len else where["A"])
 
 
 def test_pow2_and_least_requests_avoid_the_busy_backend():

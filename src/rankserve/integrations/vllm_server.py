@@ -71,15 +71,13 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 300) -> None
 
 
 @contextmanager
-def running_server(cmd: list[str], port: int, log: Path, env: dict[str, str] | None = None,
-                   timeout_s: float = 300) -> Iterator[str]:
-    """Start ``cmd`` (a server on ``port``), wait for /health, yield its base URL; always stop it."""
+def started_server(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen]:
+    """Start ``cmd`` (output to ``log``) and yield the process; always stop it, killed if it
+    does not stop within a minute. Lets a caller start several servers before waiting for any."""
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, env=env, cwd="/tmp", stdout=out, stderr=subprocess.STDOUT)
         try:
-            url = f"http://127.0.0.1:{port}"
-            wait_ready(url, proc, timeout_s)
-            yield url
+            yield proc
         finally:
             proc.terminate()
             try:
@@ -87,3 +85,13 @@ def running_server(cmd: list[str], port: int, log: Path, env: dict[str, str] | N
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+@contextmanager
+def running_server(cmd: list[str], port: int, log: Path, env: dict[str, str] | None = None,
+                   timeout_s: float = 300) -> Iterator[str]:
+    """Start ``cmd`` (a server on ``port``), wait for /health, yield its base URL; always stop it."""
+    with started_server(cmd, log, env) as proc:
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(url, proc, timeout_s)
+        yield url

@@ -4,7 +4,8 @@
 For each completion or chat request it
 1. scores the prompt once with the length predictor (batched with concurrent arrivals, off the event
    loop) and counts its tokens; a scoring failure forwards the request without a score;
-2. picks a healthy backend with the router policy over the per-backend load trackers;
+2. picks a healthy backend with the router policy over the per-backend load trackers (a score
+   without a length counts the output length that finished requests of its score had here);
 3. forwards the client's body with the score written in (``route/body.py``: ``priority``,
    ``vllm_xargs`` or nothing) and relays the answer: a stream event by event, unchanged, counting
    output tokens into the tracker as they pass; an upstream error (status and body) unchanged.
@@ -25,7 +26,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import anyio
 import httpx
@@ -35,11 +36,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rankserve.route.backends import Backend, check_all
 from rankserve.route.body import DEFAULT_PRIORITY_SCALE, DEFAULT_XARGS_KEY, SCORE_MODES, mark_score, max_tokens_of, read_prompt
-from rankserve.route.load import ReplicaLoad
+from rankserve.route.load import ReplicaLoad, ScoreLengths
 from rankserve.route.metrics import RouterMetrics
 from rankserve.route.policies import NoHealthyReplica, RouteRequest, make_router
 from rankserve.route.scoring import PromptScorer
-from rankserve.route.sse import EventReader, error_event, output_tokens
+from rankserve.route.sse import EventReader, completion_tokens, error_event, output_tokens
 
 
 @dataclass
@@ -87,6 +88,7 @@ class Prepared:
     payload: bytes
     route: RouteRequest
     stream: bool
+    score: float | None = None  # the rank score (None: scoring failed or was off)
 
 
 async def prepare_request(raw: bytes, chat: bool, scorer: PromptScorer, mode: str,
@@ -108,7 +110,7 @@ async def prepare_request(raw: bytes, chat: bool, scorer: PromptScorer, mode: st
     payload = json.dumps(mark_score(body, mode, scored.score, scored.predicted_len, xargs_key, priority_scale))
     route = RouteRequest(scored.prompt_tokens, scored.predicted_len,
                          max_tokens_of(chat, body) if bound_by_max_tokens else None)
-    return Prepared(payload.encode(), route, body.get("stream") is True)
+    return Prepared(payload.encode(), route, body.get("stream") is True, scored.score)
 
 
 async def _until_disconnect(receive: Callable[[], Awaitable[dict]], work: Awaitable[Response]) -> Response:
@@ -141,10 +143,14 @@ async def _close(response: httpx.Response) -> None:
 class RoutingProxy:
     """The proxy's state: backends with their trackers, the policy, the scorer, the HTTP client."""
 
-    def __init__(self, config: RouterConfig, scorer: PromptScorer, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, config: RouterConfig, scorer: PromptScorer, clock: Callable[[], float] = time.monotonic,
+                 lengths: ScoreLengths | None = None) -> None:
         self.config = config
         self.scorer = scorer
         self.clock = clock
+        # A predictor that gives scores but no lengths (the ranker): the trackers' predicted output
+        # comes from the lengths requests of each score have had here.
+        self.lengths = lengths or ScoreLengths()
         self.backends = [Backend(url, ReplicaLoad(prefill_weight=config.prefill_weight,
                                                   kv_capacity_tokens=config.kv_capacity_tokens))
                          for url in config.backends]
@@ -200,6 +206,10 @@ class RoutingProxy:
         if isinstance(prepared, Response):
             return prepared
         payload, info, stream = prepared.payload, prepared.route, prepared.stream
+        # the score whose finished length teaches self.lengths (None: the predictor gave a length)
+        length_score = prepared.score if info.predicted_output_tokens is None else None
+        if length_score is not None:
+            info = replace(info, predicted_output_tokens=self.lengths.predict(length_score))
         headers = {"content-type": "application/json", "accept-encoding": "identity"}
         if "authorization" in http.headers:
             headers["authorization"] = http.headers["authorization"]
@@ -214,7 +224,7 @@ class RoutingProxy:
             backend.load.on_send(request_id, info.prompt_tokens, info.predicted_output_tokens, info.max_tokens,
                                  self.clock())
             self.metrics.requests.labels(backend=backend.name).inc()
-            exchange = self._exchange(backend, request_id, path, payload, headers, stream)
+            exchange = self._exchange(backend, request_id, path, payload, headers, stream, length_score)
             try:
                 return await _until_disconnect(http.receive, exchange)
             except UpstreamFailed as exc:
@@ -233,8 +243,13 @@ class RoutingProxy:
         backend.mark_down(why)
         self.metrics.errors.labels(backend=backend.name, kind=kind).inc()
 
+    def learn_length(self, score: float | None, output_tokens: int | None) -> None:
+        """A request with rank ``score`` (None: nothing to learn) completed with ``output_tokens``."""
+        if score is not None and output_tokens is not None:
+            self.lengths.observe(score, output_tokens)
+
     async def _exchange(self, backend: Backend, request_id: str, path: str, payload: bytes, headers: dict,
-                        stream: bool) -> Response:
+                        stream: bool, length_score: float | None = None) -> Response:
         """Send to one backend and answer the client: the whole response, or a relayed stream once
         its first event is in. Raises UpstreamFailed while nothing has been answered."""
         assert self.client is not None
@@ -249,6 +264,8 @@ class RoutingProxy:
             if not (stream and upstream.status_code == 200 and is_stream):
                 content = await upstream.aread()
                 backend.load.on_finish(request_id, self.clock())
+                if upstream.status_code == 200:
+                    self.learn_length(length_score, completion_tokens(content))
                 return Response(content, status_code=upstream.status_code,
                                 media_type=upstream.headers.get("content-type"))
             events = EventReader(upstream.aiter_raw())
@@ -256,7 +273,7 @@ class RoutingProxy:
             if first is None:
                 raise UpstreamFailed("the stream ended before its first event")
             relayed = True
-            return _RelayedStream(self, backend, request_id, upstream, events, first)
+            return _RelayedStream(self, backend, request_id, upstream, events, first, length_score)
         except httpx.TransportError as exc:
             raise UpstreamFailed(f"{type(exc).__name__}: {exc}") from None
         finally:
@@ -282,9 +299,11 @@ class _RelayedStream(StreamingResponse):
     failed) the upstream response is closed and the tracker told, exactly once."""
 
     def __init__(self, router: RoutingProxy, backend: Backend, request_id: str, upstream: httpx.Response,
-                 events: EventReader, first: bytes) -> None:
+                 events: EventReader, first: bytes, length_score: float | None = None) -> None:
         self.router, self.backend, self.request_id = router, backend, request_id
         self.upstream, self.events, self.first = upstream, events, first
+        self.length_score = length_score
+        self.num_tokens = 0
         self.ended = False  # the stream reached its end (normally or with an error event)
         super().__init__(self._relay(), media_type="text/event-stream",
                          headers={"cache-control": "no-cache"})
@@ -292,6 +311,7 @@ class _RelayedStream(StreamingResponse):
     def _observe(self, event: bytes) -> None:
         n = output_tokens(event)
         if n:
+            self.num_tokens += n
             self.backend.load.on_tokens(self.request_id, n, self.router.clock())
 
     async def _relay(self):
@@ -305,7 +325,10 @@ class _RelayedStream(StreamingResponse):
             why = f"{type(exc).__name__}: {exc}"
             self.router._failed(self.backend, self.request_id, why, "midstream")
             yield error_event(f"backend {self.backend.name} failed mid-stream ({why})")
+            self.ended = True
+            return
         self.ended = True
+        self.router.learn_length(self.length_score, self.num_tokens)  # only a complete stream's length
 
     async def __call__(self, scope, receive, send) -> None:
         try:

@@ -1,5 +1,5 @@
 """Server-sent events as they pass through the router: whole events out of a byte stream, and the
-output tokens an OpenAI stream event carries."""
+output tokens an OpenAI stream event (or a whole answer) carries."""
 
 from __future__ import annotations
 
@@ -55,6 +55,16 @@ def output_tokens(event: bytes) -> int:
             if isinstance(choice, dict) and (choice.get("text") or (choice.get("delta") or {}).get("content")):
                 count += 1
     return count
+
+
+def completion_tokens(answer: bytes) -> int | None:
+    """``usage.completion_tokens`` of a whole (non-streamed) OpenAI answer; None if it has none."""
+    try:
+        usage = json.loads(answer).get("usage") or {}
+        tokens = usage.get("completion_tokens")
+    except (ValueError, AttributeError):
+        return None
+    return tokens if isinstance(tokens, int) and tokens >= 0 else None
 
 
 def error_event(message: str, status: int = 502) -> bytes:
