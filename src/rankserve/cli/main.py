@@ -19,6 +19,7 @@ from rankserve.bench.experiment import PAPER_SYSTEMS, SimSpec, parse_params, par
 from rankserve.bench.report import markdown_table, plot_latency_vs_rate, summary_line
 from rankserve.bench.workloads import ARRIVAL_FORMS, LENGTH_FORMS, arrival_times, sample_lengths
 from rankserve.cli.bench import add_bench_commands
+from rankserve.cli.flags import checked, non_negative, port, positive_int
 from rankserve.cli.learn import add_label_command, add_train_commands
 from rankserve.cli.route import add_route_commands
 from rankserve.core.policies import POLICY_NAMES
@@ -35,43 +36,10 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _checked(check):
-    """An argparse ``type`` that turns a ValueError from ``check`` into a flag error."""
-
-    def convert(text: str):
-        try:
-            return check(text)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-
-    return convert
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise ValueError(f"must be an integer >= 1, got {text}")
-    return value
-
-
 def _rate(text: str) -> float:
     value = float(text)
     if not value > 0:
         raise ValueError(f"must be > 0 (or inf for a burst), got {text}")
-    return value
-
-
-def _port(text: str) -> int:
-    value = int(text)
-    if not 1 <= value <= 65535:
-        raise ValueError(f"must be a port number in 1..65535, got {text}")
-    return value
-
-
-def _non_negative(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise ValueError(f"must be >= 0, got {text}")
     return value
 
 
@@ -105,26 +73,26 @@ def _rates(text: str) -> list[float]:
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--workload", type=_checked(_workload), default="sharegpt", help=f"output lengths: {LENGTH_FORMS}")
-    p.add_argument("--prompt-len", type=_checked(_positive_int), default=32, help="prompt tokens (synthetic workloads)")
-    p.add_argument("--arrival", type=_checked(_arrival), default="poisson", help=f"arrival process: {ARRIVAL_FORMS}")
-    p.add_argument("--num-requests", type=_checked(_positive_int), default=1000)
-    p.add_argument("--hardware", type=_checked(_hardware), default="a100-llama3-8b",
+    p.add_argument("--workload", type=checked(_workload), default="sharegpt", help=f"output lengths: {LENGTH_FORMS}")
+    p.add_argument("--prompt-len", type=checked(positive_int), default=32, help="prompt tokens (synthetic workloads)")
+    p.add_argument("--arrival", type=checked(_arrival), default="poisson", help=f"arrival process: {ARRIVAL_FORMS}")
+    p.add_argument("--num-requests", type=checked(positive_int), default=1000)
+    p.add_argument("--hardware", type=checked(_hardware), default="a100-llama3-8b",
                    help=f"cost model: {', '.join(PRESET_NAMES)}, constant:STEP_MS[:PREFILL_MS_PER_TOKEN]; "
                    "per replica: 'NAME xN,NAME xM' (e.g. 'a100-llama3-8b x2,constant:30 x2')")
-    p.add_argument("--replicas", type=_checked(_positive_int), default=None,
+    p.add_argument("--replicas", type=checked(positive_int), default=None,
                    help="simulate a cluster of this many engines behind a router (default: as many as "
                    "--hardware lists, else 1)")
     p.add_argument("--router-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="a router or load-tracker parameter, e.g. memory_aware=false or prefill_weight=0.2 "
                    "for sal (repeatable)")
-    p.add_argument("--max-num-seqs", type=_checked(_positive_int), default=256)
-    p.add_argument("--max-num-batched-tokens", type=_checked(_positive_int), default=2048)
+    p.add_argument("--max-num-seqs", type=checked(positive_int), default=256)
+    p.add_argument("--max-num-batched-tokens", type=checked(positive_int), default=2048)
     p.add_argument("--preemption-mode", choices=("swap", "recompute"), default="swap")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--first-k", type=_checked(_positive_int), default=None,
+    p.add_argument("--first-k", type=checked(positive_int), default=None,
                    help="synthetic data generation: report the time until any K requests finished")
-    p.add_argument("--time-limit", type=_checked(_rate), default=None,
+    p.add_argument("--time-limit", type=checked(_rate), default=None,
                    help="synthetic data generation: report how many finished within this many seconds")
 
 
@@ -137,8 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--policy-arg", action="append", default=[], metavar="KEY=VALUE",
                      help="a policy parameter, e.g. c=0.8 for trail (repeatable)")
     sim.add_argument("--predictor", choices=PREDICTOR_NAMES, default="oracle")
-    sim.add_argument("--target-tau", type=_checked(_tau), default=None, help="Kendall's tau for --predictor noisy")
-    sim.add_argument("--rate", type=_checked(_rate), default=10.0, help="requests per second (inf = burst)")
+    sim.add_argument("--target-tau", type=checked(_tau), default=None, help="Kendall's tau for --predictor noisy")
+    sim.add_argument("--rate", type=checked(_rate), default=10.0, help="requests per second (inf = burst)")
     sim.add_argument("--router", choices=ROUTER_NAMES, default="sal",
                      help="with --replicas > 1: the router (default: sal, least predicted outstanding work)")
     _add_run_options(sim)
@@ -149,14 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
     sw = sub.add_parser("sweep", help="simulate systems x rates; write a table, JSON and a latency-vs-rate plot")
     sw.add_argument("--systems", nargs="+", default=list(PAPER_SYSTEMS),
                     help="POLICY[:k=v,...][+PREDICTOR[@TAU]] each, e.g. fcfs ltr+oracle ltr+noisy@0.62")
-    sw.add_argument("--rates", type=_checked(_rates), default=[10.0, 16.0, 20.0, 24.0],
+    sw.add_argument("--rates", type=checked(_rates), default=[10.0, 16.0, 20.0, 24.0],
                     help="comma-separated request rates")
     sw.add_argument("--routers", nargs="+", choices=ROUTER_NAMES, default=["sal"],
                     help="with --replicas > 1: every system behind each of these routers")
     _add_run_options(sw)
     sw.add_argument("--baseline", default="fcfs", help="system the table compares against")
     sw.add_argument("--out", type=Path, default=Path("out/sweep"), help="directory for sweep.md/.json/.png")
-    sw.add_argument("--workers", type=_checked(_positive_int), default=2, help="parallel processes")
+    sw.add_argument("--workers", type=checked(positive_int), default=2, help="parallel processes")
     sw.set_defaults(run=cmd_sweep, parser=sw)
 
     sv = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
@@ -164,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a local Hugging Face directory (Llama, Qwen2); default: the embedded SmolLM2-135M-Instruct")
     sv.add_argument("--served-model-name", default=None, help="the model name clients use (default: the model's)")
     sv.add_argument("--host", default="127.0.0.1")
-    sv.add_argument("--port", type=_checked(_port), default=8000)
+    sv.add_argument("--port", type=checked(port), default=8000)
     sv.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     sv.add_argument("--policy", choices=POLICY_NAMES, default="ltr",
                     help="scheduling policy (default: learning to rank with starvation prevention)")
@@ -176,25 +144,25 @@ def build_parser() -> argparse.ArgumentParser:
                     "oracle: only for replayed traces, where ignore_eos requests' max_tokens is the length)")
     sv.add_argument("--predictor-weights", default=None,
                     help="trained weights (.safetensors) for --predictor; default: the shipped ones")
-    sv.add_argument("--max-num-seqs", type=_checked(_positive_int), default=32)
-    sv.add_argument("--max-num-batched-tokens", type=_checked(_positive_int), default=1024)
-    sv.add_argument("--kv-cache-gb", type=_checked(_rate), default=2.0, help="device KV cache size (GiB)")
-    sv.add_argument("--swap-space-gb", type=_checked(_non_negative), default=4.0, help="host swap space (GiB)")
+    sv.add_argument("--max-num-seqs", type=checked(positive_int), default=32)
+    sv.add_argument("--max-num-batched-tokens", type=checked(positive_int), default=1024)
+    sv.add_argument("--kv-cache-gb", type=checked(_rate), default=2.0, help="device KV cache size (GiB)")
+    sv.add_argument("--swap-space-gb", type=checked(non_negative), default=4.0, help="host swap space (GiB)")
     sv.add_argument("--preemption-mode", choices=("swap", "recompute"), default="swap")
-    sv.add_argument("--max-model-len", type=_checked(_positive_int), default=None)
+    sv.add_argument("--max-model-len", type=checked(positive_int), default=None)
     sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
-    sv.add_argument("--max-queued", type=_checked(_positive_int), default=4096,
+    sv.add_argument("--max-queued", type=checked(positive_int), default=4096,
                     help="answer 429 beyond this many waiting requests")
     sv.add_argument("--seed", type=int, default=0)
-    sv.add_argument("--shutdown-timeout", type=_checked(_non_negative), default=10.0,
+    sv.add_argument("--shutdown-timeout", type=checked(non_negative), default=10.0,
                     help="on SIGTERM/SIGINT, seconds to let requests in flight finish before aborting them")
     sv.set_defaults(run=cmd_serve, parser=sv)
 
-    add_label_command(sub, _checked(_positive_int), _checked(_non_negative))
-    add_train_commands(sub, _checked(_positive_int))
-    add_bench_commands(sub, {"positive_int": _checked(_positive_int), "rate": _checked(_rate),
-                             "rates": _checked(_rates)})
-    add_route_commands(sub, _checked, {"port": _port, "positive_int": _positive_int, "non_negative": _non_negative})
+    add_label_command(sub, checked(positive_int), checked(non_negative))
+    add_train_commands(sub, checked(positive_int))
+    add_bench_commands(sub, {"positive_int": checked(positive_int), "rate": checked(_rate),
+                             "rates": checked(_rates)})
+    add_route_commands(sub)
     return parser
 
 

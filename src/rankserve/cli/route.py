@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from rankserve.cli.flags import checked as flag_type
+from rankserve.cli.flags import non_negative, non_negative_int, port, positive, positive_int
 from rankserve.route.backends import normalize_url
 from rankserve.route.body import DEFAULT_PRIORITY_SCALE, DEFAULT_XARGS_KEY, SCORE_MODES
 from rankserve.route.policies import ROUTER_NAMES
@@ -12,25 +14,11 @@ from rankserve.route.scoring import choose_predictor
 PREDICTOR_CHOICES = ("ranker", "classifier", "regressor", "none")
 
 
-def _positive(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise ValueError(f"must be > 0, got {text}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise ValueError(f"must be an integer >= 0, got {text}")
-    return value
-
-
-def add_route_commands(sub, wrap, shared: dict) -> None:
-    """``wrap`` turns a converter's ValueError into a flag error; ``shared``: the CLI's port,
-    positive_int and non_negative converters."""
-    checked = {name: wrap(f) for name, f in {**shared, "backend": normalize_url, "positive": _positive,
-                                             "non_negative_int": _non_negative_int}.items()}
+def add_route_commands(sub) -> None:
+    """The ``gateway`` and ``route`` subcommands."""
+    checked = {name: flag_type(f) for name, f in {"backend": normalize_url, "port": port, "positive": positive,
+                                                  "positive_int": positive_int, "non_negative": non_negative,
+                                                  "non_negative_int": non_negative_int}.items()}
     g = sub.add_parser("gateway", help="an OpenAI-compatible proxy that scores each request for one backend "
                                        "(e.g. vLLM with --scheduling-policy priority)")
     g.add_argument("--backend", required=True, type=checked["backend"], help="the backend's URL, http://HOST:PORT[/v1]")
