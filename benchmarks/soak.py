@@ -26,8 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-from engine_bench import RANKSERVE, free_port, wait_ready
+from engine_bench import RANKSERVE
 from engine_throughput import cpu_model
+
+from rankserve.integrations.vllm_server import free_port, wait_ready
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 PROMPTS = ["Tell me about the sea.", "List three fruits.", "What is 2 + 2?", "Write a haiku about rain.",
