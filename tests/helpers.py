@@ -110,3 +110,15 @@ def wait_until(condition, timeout_s: float = 3.0) -> bool:
     while not condition() and time.monotonic() < deadline:
         time.sleep(0.01)
     return condition()
+
+
+def write_tiny_llama(path) -> None:
+    """A randomly initialised 2-layer Llama (hidden 64, vocab 128) saved as a Hugging Face
+    directory: loads and steps in milliseconds."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(path)

@@ -1,4 +1,5 @@
-"""The ``rankserve`` command: simulate, sweep, serve, label, train, eval, bench, bench-report, gateway, route.
+"""The ``rankserve`` command: simulate, sweep, serve, calibrate, label, train, eval, bench, bench-report, gateway,
+route.
 
 A bad flag value ends in one line naming the flag (argparse's usual ``error: argument --flag:``),
 never a traceback.
@@ -19,6 +20,7 @@ from rankserve.bench.experiment import PAPER_SYSTEMS, SimSpec, parse_params, par
 from rankserve.bench.report import markdown_table, plot_latency_vs_rate, summary_line
 from rankserve.bench.workloads import ARRIVAL_FORMS, LENGTH_FORMS, arrival_times, sample_lengths
 from rankserve.cli.bench import add_bench_commands
+from rankserve.cli.calibrate import add_calibrate_command
 from rankserve.cli.flags import checked, non_negative, port, positive_int
 from rankserve.cli.learn import add_label_command, add_train_commands
 from rankserve.cli.route import add_route_commands
@@ -27,7 +29,8 @@ from rankserve.predict import LEARNED_NAMES, PREDICTOR_NAMES
 from rankserve.route.load import ReplicaLoad
 from rankserve.route.policies import ROUTER_NAMES, make_router
 from rankserve.sim.cluster import TRACKER_PARAMS, parse_hardware_list
-from rankserve.sim.cost_model import PRESET_NAMES
+from rankserve.sim.cost_model import LOCAL_PRESET, PRESET_NAMES, get_cost_model
+from rankserve.sim.machine import cpu_mismatch
 
 class _Parser(argparse.ArgumentParser):
     """Errors in one line (no usage dump): ``rankserve simulate: error: argument --flag: why``."""
@@ -78,7 +81,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arrival", type=checked(_arrival), default="poisson", help=f"arrival process: {ARRIVAL_FORMS}")
     p.add_argument("--num-requests", type=checked(positive_int), default=1000)
     p.add_argument("--hardware", type=checked(_hardware), default="a100-llama3-8b",
-                   help=f"cost model: {', '.join(PRESET_NAMES)}, constant:STEP_MS[:PREFILL_MS_PER_TOKEN]; "
+                   help=f"cost model: {', '.join(PRESET_NAMES)}, {LOCAL_PRESET} (this machine's, from rankserve "
+                   "calibrate), a preset file PATH.json, constant:STEP_MS[:PREFILL_MS_PER_TOKEN]; "
                    "per replica: 'NAME xN,NAME xM' (e.g. 'a100-llama3-8b x2,constant:30 x2')")
     p.add_argument("--replicas", type=checked(positive_int), default=None,
                    help="simulate a cluster of this many engines behind a router (default: as many as "
@@ -158,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="on SIGTERM/SIGINT, seconds to let requests in flight finish before aborting them")
     sv.set_defaults(run=cmd_serve, parser=sv)
 
+    add_calibrate_command(sub)
     add_label_command(sub, checked(positive_int), checked(non_negative))
     add_train_commands(sub, checked(positive_int))
     add_bench_commands(sub, {"positive_int": checked(positive_int), "rate": checked(_rate),
@@ -166,11 +171,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def warn_other_cpu(hardware: str, prog: str) -> None:
+    """On stderr, for each CPU preset in ``hardware`` fitted on another CPU than this one: its step
+    times describe that CPU's engine, not this one's."""
+    for name in dict.fromkeys(parse_hardware_list(hardware)):
+        why = cpu_mismatch(get_cost_model(name).fitted_on)
+        if why:
+            print(f"{prog}: warning: --hardware {name} was {why}; run `rankserve calibrate` and use "
+                  f"--hardware {LOCAL_PRESET} to simulate this machine", file=sys.stderr)
+
+
 def _base_spec(args: argparse.Namespace, parser: argparse.ArgumentParser) -> SimSpec:
     try:
         replicas = len(parse_hardware_list(args.hardware, args.replicas))
     except ValueError as exc:
         parser.error(f"argument --replicas: {exc}")
+    warn_other_cpu(args.hardware, parser.prog)
     try:
         router_params = parse_params(",".join(args.router_arg))
     except ValueError as exc:

@@ -12,7 +12,9 @@ Three families:
   datasheet numbers and a few stated efficiency factors (presets ``a100-llama3-8b`` and
   ``8xa100-llama3-70b``, the two setups of the learning-to-rank paper);
 * :class:`LinearCostModel`: a linear fit, for the CPU engine on these machines
-  (preset ``cpu-smollm2-135m``, coefficients fitted to timed steps of the real engine);
+  (preset ``cpu-smollm2-135m``, coefficients fitted to timed steps of the real engine; ``rankserve
+  calibrate`` fits one on the machine at hand and writes it as a JSON file, which ``get_cost_model``
+  reads from its path, or as ``cpu-local``, the one last written on this machine);
 * :class:`ConstantCostModel`: ``constant:STEP_MS[:PREFILL_MS_PER_TOKEN]``, for tests and toy runs.
 
 Conventions shared by every model:
@@ -28,6 +30,7 @@ from __future__ import annotations
 import abc
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +38,7 @@ from typing import Any
 GiB = 1024**3
 
 __all__ = [
+    "LOCAL_PRESET",
     "PRESET_NAMES",
     "A100_SXM4_40GB",
     "A100_SXM4_80GB",
@@ -51,6 +55,7 @@ __all__ = [
     "SMOLLM2_135M",
     "StepShape",
     "get_cost_model",
+    "local_preset_path",
 ]
 
 
@@ -87,6 +92,9 @@ class CostModel(abc.ABC):
     """Seconds per engine step, seconds per swap, and how much KV cache fits, for one replica."""
 
     name: str
+    # The machine a measured preset was fitted on (CPU model and flags, torch, dtype, threads,
+    # date; see sim/machine.py), or None for models derived from datasheets.
+    fitted_on: dict[str, Any] | None = None
 
     @abc.abstractmethod
     def step_time(
@@ -393,7 +401,7 @@ class LinearCostModel(CostModel):
 
     _FIELDS = ("base_s", "prefill_s_per_token", "decode_s_per_token", "kv_s_per_token", "attn_s_per_pair",
                "seq_s", "kv_capacity_tokens", "host_capacity_tokens", "kv_bytes_per_token", "swap_bytes_per_s",
-               "name")
+               "name", "fitted_on")
 
     def __init__(
         self,
@@ -409,6 +417,7 @@ class LinearCostModel(CostModel):
         kv_bytes_per_token: int = 0,
         swap_bytes_per_s: float = 0.0,
         name: str = "linear",
+        fitted_on: dict[str, Any] | None = None,
     ) -> None:
         coeffs = (base_s, prefill_s_per_token, decode_s_per_token, kv_s_per_token, attn_s_per_pair, seq_s)
         if not all(math.isfinite(c) and c >= 0 for c in coeffs):
@@ -418,6 +427,7 @@ class LinearCostModel(CostModel):
         if kv_bytes_per_token > 0 and swap_bytes_per_s <= 0:
             raise ValueError("swap_bytes_per_s must be > 0 when kv_bytes_per_token is set")
         self.name = name
+        self.fitted_on = fitted_on
         self.base_s = float(base_s)
         self.prefill_s_per_token = float(prefill_s_per_token)
         self.decode_s_per_token = float(decode_s_per_token)
@@ -440,6 +450,7 @@ class LinearCostModel(CostModel):
 
     def to_dict(self) -> dict[str, Any]:
         """The constructor arguments (what :meth:`from_dict` and :meth:`from_json` read back)."""
+        fitted = {} if self.fitted_on is None else {"fitted_on": self.fitted_on}
         return {
             "name": self.name,
             "base_s": self.base_s,
@@ -452,10 +463,12 @@ class LinearCostModel(CostModel):
             "host_capacity_tokens": self._host_capacity,
             "kv_bytes_per_token": self.kv_bytes_per_token,
             "swap_bytes_per_s": self.swap_bytes_per_s,
-        }
+        } | fitted
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LinearCostModel:
+        if not isinstance(data, dict):
+            raise ValueError(f"expected a JSON object of linear cost model fields, got {type(data).__name__}")
         unknown = sorted(set(data) - set(cls._FIELDS))
         if unknown:
             raise ValueError(f"unknown linear cost model fields {unknown}; expected some of {list(cls._FIELDS)}")
@@ -591,8 +604,9 @@ def cpu_smollm2_135m() -> LinearCostModel:
     """``cpu-smollm2-135m``: rankserve's own engine serving SmolLM2-135M-Instruct in bf16 on the
     2-core machines here.
 
-    Calibrated on the real engine, 2026-11-26, on a 2-vCPU Intel Xeon (``python
-    benchmarks/calibrate_cpu.py``): 2,041 timed steps (schedule, forward, sampling, update) from a
+    Calibrated on the real engine, 2026-11-26, on a 2-vCPU Intel Xeon (``lscpu`` model name
+    ``Intel(R) Xeon(R) Processor``, with ``avx512f``, ``avx512_bf16`` and ``avx512_fp16`` but no
+    ``amx_*``; torch 2.13.0+cpu, bf16, 2 threads; ``python benchmarks/calibrate_cpu.py``): 2,041 timed steps (schedule, forward, sampling, update) from a
     replayed ShareGPT trace (120 requests, prompts <= 512 and outputs <= 256 tokens, Poisson
     1.5 req/s, max_num_seqs 16, max_num_batched_tokens 512) and a sweep of batch shapes (1-64
     sequences, contexts 64-768), fitted by non-negative least squares; mean absolute error per step
@@ -609,6 +623,9 @@ def cpu_smollm2_135m() -> LinearCostModel:
     KV capacity: 2 GiB (rankserve serve's default --kv-cache-gb) / 23,040 bytes per token (30 layers
     x 3 KV heads x 64 x 2 (K, V) x 2 bytes) = 93,206 tokens. Host swap: 4 GiB (--swap-space-gb)
     = 186,413 tokens, copied at 10 GB/s (assumption: a memcpy on 2 cores; swaps were not timed).
+
+    On any other CPU (another model, or the same model name with other kernel flags, e.g. AMX) its
+    step times do not hold: ``rankserve simulate`` warns, and ``rankserve calibrate`` fits one there.
     """
     kv_bytes = SMOLLM2_135M.kv_bytes_per_token
     return LinearCostModel(
@@ -623,6 +640,10 @@ def cpu_smollm2_135m() -> LinearCostModel:
         host_capacity_tokens=4 * GiB // kv_bytes,
         kv_bytes_per_token=kv_bytes,
         swap_bytes_per_s=10e9,
+        fitted_on={"cpu_model": "Intel(R) Xeon(R) Processor", "cpu_flags": ["avx2", "avx512_bf16", "avx512_fp16",
+                                                                             "avx512f"],
+                   "cpu_count": 2, "threads": 2, "torch": "2.13.0+cpu", "dtype": "bfloat16",
+                   "model": "SmolLM2-135M-Instruct", "date": "2026-11-26"},
     )
 
 
@@ -633,17 +654,49 @@ _PRESETS = {
     "cpu-smollm2-135m": cpu_smollm2_135m,
 }
 PRESET_NAMES: tuple[str, ...] = tuple(_PRESETS)
+#: The preset ``rankserve calibrate`` last wrote on this machine (see :func:`local_preset_path`).
+LOCAL_PRESET = "cpu-local"
+
+
+def local_preset_path() -> Path:
+    """Where ``rankserve calibrate`` writes, and ``cpu-local`` reads, this machine's preset:
+    $RANKSERVE_PRESETS/cpu-local.json, or ~/.cache/rankserve/presets/cpu-local.json."""
+    root = os.environ.get("RANKSERVE_PRESETS")
+    base = Path(root).expanduser() if root else Path.home() / ".cache" / "rankserve" / "presets"
+    return base / f"{LOCAL_PRESET}.json"
+
+
+def _is_preset_file(spec: str) -> bool:
+    return spec.endswith(".json") or os.sep in spec
+
+
+def _preset_file(spec: str) -> LinearCostModel:
+    """A preset written by ``rankserve calibrate``, from its path or ``cpu-local``."""
+    path = local_preset_path() if spec == LOCAL_PRESET else Path(spec).expanduser()
+    if spec == LOCAL_PRESET and not path.is_file():
+        raise ValueError(f"no {LOCAL_PRESET} preset at {path}: run `rankserve calibrate` on this machine first")
+    try:
+        return LinearCostModel.from_json(path)
+    except OSError as err:
+        raise ValueError(f"cannot read cost-model preset {str(path)!r}: {err.strerror or err}") from None
+    except (ValueError, TypeError) as err:  # JSONDecodeError is a ValueError
+        reason = " ".join(str(err).split())
+        raise ValueError(f"bad cost-model preset {str(path)!r}: {reason}") from None
 
 
 def get_cost_model(spec: str) -> CostModel:
-    """A cost model from a preset name or ``constant:STEP_MS[:PREFILL_MS_PER_TOKEN]``.
+    """A cost model from a preset name, a preset file (a path, or ``cpu-local``: see
+    :func:`local_preset_path`) or ``constant:STEP_MS[:PREFILL_MS_PER_TOKEN]``.
 
     Raises ``ValueError`` with a one-line message naming ``spec`` and the valid choices.
     """
     factory = _PRESETS.get(spec)
     if factory is not None:
         return factory()
-    valid = ", ".join(PRESET_NAMES) + ", constant:STEP_MS[:PREFILL_MS_PER_TOKEN]"
+    if isinstance(spec, str) and (spec == LOCAL_PRESET or _is_preset_file(spec)):
+        return _preset_file(spec)
+    valid = (", ".join(PRESET_NAMES) + f", {LOCAL_PRESET}, a preset file (PATH.json), "
+             "constant:STEP_MS[:PREFILL_MS_PER_TOKEN]")
     if isinstance(spec, str) and spec.startswith("constant:"):
         fields = spec.split(":")[1:]
         try:
