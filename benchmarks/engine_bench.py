@@ -13,7 +13,8 @@ ignore_eos), so every system does identical work. With --replay reference (Share
 learned predictors use the weights trained on those labels; --length-scale shrinks every length
 by the same factor so a 2-core CPU finishes a run in minutes without changing their order.
 
---simulate HARDWARE re-runs every measured trace (the requests' send times, the server's prompt
+--simulate HARDWARE (a preset, a preset file, or cpu-local: `rankserve calibrate`'s fit of this
+machine) re-runs every measured trace (the requests' send times, the server's prompt
 token counts, the output lengths) in the simulator with the same system and prints the error of
 its mean latency and TTFT against the engine's (simulator fidelity). --plan runs no server: it
 simulates the planned trace (prompt lengths from the tokenizer) to choose rates before spending
@@ -36,8 +37,11 @@ import numpy as np
 from rankserve.bench.experiment import SimSpec, parse_system, simulate_trace
 from rankserve.bench.workloads import arrival_times
 from rankserve.cli.bench import bench_workload
+from rankserve.cli.main import warn_other_cpu
 from rankserve.integrations.vllm_server import free_port, running_server, vllm_server_command, vllm_server_env
 from rankserve.predict import LEARNED_NAMES
+from rankserve.sim.cost_model import get_cost_model
+from rankserve.sim.machine import cpu_model
 
 RANKSERVE = [sys.executable, "-m", "rankserve.cli.main"]
 
@@ -190,6 +194,12 @@ def main() -> None:
             system_spec(system, args)  # a bad system name fails before any server starts
         except ValueError as exc:
             ap.error(f"--systems: {exc}")
+    if args.simulate:
+        try:
+            get_cost_model(args.simulate)
+        except ValueError as exc:
+            ap.error(f"argument --simulate: {exc}")
+        warn_other_cpu(args.simulate, ap.prog)
     if args.plan:
         plan(args)
         return
@@ -210,6 +220,7 @@ def main() -> None:
                 for r in json.loads((args.out / f"{label}.json").read_text())]
         sim = [simulate_record(r, args) for r in real]
         table = fidelity_table(real, sim)
+        table = f"CPU: {cpu_model()}; simulator: {args.simulate}\n\n{table}"
         (args.out / "fidelity.md").write_text(table + "\n")
         print(table)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from rankserve.bench.workloads import sample_lengths
-from rankserve.cli.flags import checked, positive, positive_int
+from rankserve.cli.flags import checked, non_negative_int, positive, positive_int
 from rankserve.sim.cost_model import LOCAL_PRESET, local_preset_path
 
 
@@ -40,7 +40,7 @@ def add_calibrate_command(sub) -> None:
     c.add_argument("--contexts", type=checked(_int_list), default=[64, 256, 768],
                    help="sweep: comma-separated prompt lengths (tokens)")
     c.add_argument("--decode-steps", type=checked(positive_int), default=7, help="sweep: decode steps per shape")
-    c.add_argument("--trace-requests", type=int, default=32,
+    c.add_argument("--trace-requests", type=checked(non_negative_int), default=32,
                    help="ShareGPT requests replayed as a burst before the sweep (0: none)")
     c.add_argument("--max-prompt", type=checked(positive_int), default=512, help="trace: prompt length cap")
     c.add_argument("--max-output", type=checked(positive_int), default=256, help="trace: output length cap")
@@ -67,8 +67,6 @@ def cmd_calibrate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     from rankserve.server.serve import EngineSettings, build_core
     from rankserve.sim.calibrate import CalibrationPlan, calibrate
 
-    if args.trace_requests < 0:
-        parser.error(f"argument --trace-requests: must be an integer >= 0, got {args.trace_requests}")
     try:
         files = load_model_dir(args.model)
     except (ModelNotFoundError, ValueError, OSError) as exc:

@@ -25,7 +25,7 @@ from scipy.optimize import nnls
 
 from rankserve.core.request import Request, SamplingParams
 from rankserve.engine.core import EngineCore
-from rankserve.sim.cost_model import LinearCostModel
+from rankserve.sim.cost_model import LOCAL_PRESET, LinearCostModel
 from rankserve.sim.machine import cpu_flags, cpu_model
 
 # The coefficients fitted, in the order of a step's shape (base first: one per step).
@@ -148,7 +148,7 @@ def machine_record(dtype: str) -> dict[str, Any]:
 
 
 def calibrate(make_core: Callable[[int], EngineCore], plan: CalibrationPlan, *, dtype: str, model_name: str,
-              name: str = "cpu-local", trace_max_num_seqs: int = 16,
+              name: str = LOCAL_PRESET, trace_max_num_seqs: int = 16,
               log: Callable[[str], None] = lambda _: None) -> LinearCostModel:
     """Time the plan's steps on engines from ``make_core(max_num_seqs)`` and fit a preset.
 
