@@ -22,7 +22,7 @@ import numpy as np
 from rankserve.bench.workloads import arrival_times, sample_lengths
 from rankserve.core import SchedulerConfig, make_policy
 from rankserve.core.metrics import summarize
-from rankserve.server.serve import EngineSettings, build_core
+from rankserve.engine.build import EngineSettings, build_core
 from rankserve.sim.calibrate import replay
 from rankserve.sim.cost_model import get_cost_model
 from rankserve.sim.machine import cpu_model

@@ -10,12 +10,9 @@ import pytest
 from helpers import write_tiny_llama
 
 from rankserve.cli.main import main
-from rankserve.core.policies import make_policy
-from rankserve.core.scheduler import SchedulerConfig
-from rankserve.sim.calibrate import FEATURES, TimedStep, fit_coefficients, scaled, serving_factor
+from rankserve.sim.calibrate import FEATURES, TimedStep, fit_coefficients
 from rankserve.sim.cost_model import LinearCostModel, get_cost_model, local_preset_path
 from rankserve.sim.machine import KERNEL_FLAGS, cpu_flags, cpu_mismatch, cpu_model
-from rankserve.sim.simulator import build_requests, simulate
 
 SIMULATE = ["simulate", "--policy", "fcfs", "--num-requests", "30", "--rate", "2", "--max-num-seqs", "8",
             "--max-num-batched-tokens", "256"]
@@ -56,21 +53,6 @@ def test_fit_recovers_the_coefficients_that_made_the_steps() -> None:
     fitted = fit_coefficients(steps)
     for key, value in truth.items():
         assert fitted[key] == pytest.approx(value, rel=1e-4), key
-
-
-@pytest.mark.parametrize("arrivals", ["burst", "poisson"])
-def test_serving_factor_finds_how_much_slower_the_served_engine_is(arrivals) -> None:
-    model = get_cost_model("cpu-smollm2-135m")
-    rng = np.random.default_rng(1)
-    lengths = np.column_stack([rng.integers(20, 400, 40), rng.integers(5, 120, 40)])
-    times = np.zeros(40) if arrivals == "burst" else np.cumsum(rng.exponential(0.5, 40))
-    config = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=256)
-    # what a server 1.7x slower than the in-process steps would have measured
-    slower = simulate(build_requests(lengths, times), make_policy("fcfs"), None, scaled(model, 1.7), config)
-    factor = serving_factor(model, lengths, times, slower.summary["mean_latency_per_token_s"], config)
-    assert factor == pytest.approx(1.7, rel=2e-3)
-    assert scaled(model, 2.0).step_time(100, 3, 500, 9000, 4) == pytest.approx(2 * model.step_time(100, 3, 500, 9000, 4))
-    assert scaled(model, 2.0).kv_capacity_tokens() == model.kv_capacity_tokens()
 
 
 def test_calibrate_writes_cpu_local_and_simulate_uses_it(tiny_model, presets, capsys) -> None:

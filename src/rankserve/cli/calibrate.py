@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -14,7 +13,6 @@ from pathlib import Path
 import numpy as np
 
 from rankserve.bench.workloads import sample_lengths
-from rankserve.core.request import Request, RequestStatus
 from rankserve.cli.flags import checked, non_negative_int, positive, positive_int
 from rankserve.sim.cost_model import LOCAL_PRESET, local_preset_path
 
@@ -52,10 +50,6 @@ def add_calibrate_command(sub) -> None:
                    help="prefill chunk budget (rankserve serve --max-num-batched-tokens)")
     c.add_argument("--kv-cache-gb", type=checked(positive), default=2.0, help="KV cache the preset models (GiB)")
     c.add_argument("--swap-space-gb", type=checked(positive), default=4.0, help="host swap the preset models (GiB)")
-    c.add_argument("--served-requests", type=checked(non_negative_int), default=0,
-                   help="then replay this many ShareGPT requests as a burst through `rankserve serve` over HTTP "
-                        "and scale the fit to the served mean latency per token: the serving path's share of "
-                        "the CPU (0: off)")
     c.add_argument("--seed", type=int, default=0)
     c.set_defaults(run=cmd_calibrate, parser=c)
 
@@ -68,52 +62,9 @@ def _trace(args: argparse.Namespace, max_len: int) -> np.ndarray:
     return np.column_stack([prompts, outputs])
 
 
-def _served_trace(args: argparse.Namespace) -> tuple[list[Request], float]:
-    """The served requests of a burst through a fresh `rankserve serve` (FCFS, the calibrated
-    limits) and its wall time. The prompts are another draw than engine_bench.py's (seed 0)."""
-    from rankserve.bench.client import build_items, run_bench
-    from rankserve.cli.bench import bench_workload
-    from rankserve.integrations.vllm_server import free_port, running_server
-
-    ns = argparse.Namespace(dataset="sharegpt", replay="reference", max_tokens=args.max_output, length_scale=1.0,
-                            prompt_len=32)
-    prompts, max_tokens, _, _ = bench_workload(ns, args.served_requests, np.random.default_rng([args.seed, 1]))
-    port = free_port()
-    cmd = [sys.executable, "-m", "rankserve.cli.main", "serve", "--port", str(port), "--policy", "fcfs",
-           "--served-model-name", "calibrate", "--dtype", args.dtype, "--max-num-seqs", str(args.max_num_seqs),
-           "--max-num-batched-tokens", str(args.max_num_batched_tokens), "--kv-cache-gb", str(args.kv_cache_gb),
-           "--swap-space-gb", str(args.swap_space_gb), *(["--model", args.model] if args.model else [])]
-    with tempfile.TemporaryDirectory() as tmp, running_server(cmd, port, Path(tmp) / "serve.log") as url:
-        started = time.perf_counter()
-        results = run_bench(url + "/v1", "calibrate", build_items(prompts, max_tokens, np.zeros(len(prompts)), True),
-                            progress=False)
-        return [r for r in results if r.status is RequestStatus.FINISHED], time.perf_counter() - started
-
-
-def _fit_serving(args: argparse.Namespace, model):
-    """``model`` scaled to what the served trace measured (see sim.calibrate.serving_factor)."""
-    from rankserve.core.metrics import summarize
-    from rankserve.core.scheduler import SchedulerConfig
-    from rankserve.sim.calibrate import scaled, serving_factor
-
-    served, seconds = _served_trace(args)
-    if not served:
-        raise RuntimeError("no request of the served trace finished (see the server's log)")
-    lengths = np.array([[r.prompt_len, r.num_output_tokens] for r in served])
-    arrivals = np.array([r.arrival_time for r in served])
-    measured = summarize(served)["mean_latency_per_token_s"]
-    config = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
-    factor = serving_factor(model, lengths, arrivals, measured, config)
-    result = scaled(model, factor)
-    result.fitted_on = model.fitted_on | {"serving": {"factor": round(factor, 4), "requests": len(served),
-                                                      "seconds": round(seconds, 1),
-                                                      "mean_latency_per_token_s": round(measured, 4)}}
-    return result
-
-
 def cmd_calibrate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from rankserve.model.loader import ModelNotFoundError, load_model_dir
-    from rankserve.server.serve import EngineSettings, build_core
+    from rankserve.engine.build import EngineSettings, build_core
     from rankserve.sim.calibrate import CalibrationPlan, calibrate
 
     try:
@@ -138,12 +89,6 @@ def cmd_calibrate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
                           log=lambda line: print(line, file=sys.stderr, flush=True))
     except ValueError as exc:  # a setting the engine refuses (its message names the flag)
         parser.error(str(exc))
-    if args.served_requests:
-        print(f"serving {args.served_requests} requests over HTTP to measure the serving path...", file=sys.stderr,
-              flush=True)
-        model = _fit_serving(args, model)
-        print(f"serving factor {model.fitted_on['serving']['factor']:.3f} (served mean latency per token "
-              f"{model.fitted_on['serving']['mean_latency_per_token_s'] * 1e3:.0f} ms)", file=sys.stderr)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(model.to_dict(), indent=2) + "\n")
     fit = model.fitted_on["fit"]

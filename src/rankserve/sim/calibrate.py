@@ -12,7 +12,6 @@ The engine is built by the caller (``make_core(max_num_seqs)``): this layer driv
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -24,13 +23,10 @@ import numpy as np
 import torch
 from scipy.optimize import nnls
 
-from rankserve.core.policies import make_policy
 from rankserve.core.request import Request, SamplingParams
-from rankserve.core.scheduler import SchedulerConfig
 from rankserve.engine.core import EngineCore
 from rankserve.sim.cost_model import LOCAL_PRESET, LinearCostModel
 from rankserve.sim.machine import cpu_flags, cpu_model
-from rankserve.sim.simulator import build_requests, simulate
 
 # The coefficients fitted, in the order of a step's shape (base first: one per step).
 FEATURES = ("base_s", "prefill_s_per_token", "decode_s_per_token", "kv_s_per_token", "attn_s_per_pair", "seq_s")
@@ -187,35 +183,3 @@ def calibrate(make_core: Callable[[int], EngineCore], plan: CalibrationPlan, *, 
                         "trace_max_num_seqs": trace_max_num_seqs}
     model.fitted_on = fitted_on
     return model
-
-
-def scaled(model: LinearCostModel, factor: float) -> LinearCostModel:
-    """``model`` with every step-time coefficient multiplied by ``factor`` (capacities unchanged)."""
-    data = model.to_dict()
-    for key in FEATURES:
-        data[key] *= factor
-    return LinearCostModel.from_dict(data)
-
-
-def serving_factor(model: LinearCostModel, lengths: np.ndarray, arrivals: np.ndarray, served_latency_per_token: float,
-                   config: SchedulerConfig, block_size: int = 16, tolerance: float = 1e-3) -> float:
-    """The factor on ``model``'s step times at which the simulator's mean latency per token on a
-    trace (FCFS) equals the one measured through the server: what the serving path (HTTP, SSE,
-    detokenisation, the client, sharing the CPU with the engine) adds to the in-process steps.
-
-    Bisection on the log of the factor, within 1/20 to 20 (latency grows with every step's cost,
-    faster than linearly once requests queue)."""
-
-    def latency(factor: float) -> float:
-        sim = simulate(build_requests(lengths, arrivals), make_policy("fcfs"), None, scaled(model, factor), config,
-                       block_size=block_size)
-        return sim.summary["mean_latency_per_token_s"]
-
-    low, high = math.log(1 / 20), math.log(20)
-    while high - low > tolerance:
-        mid = (low + high) / 2
-        if latency(math.exp(mid)) < served_latency_per_token:
-            low = mid
-        else:
-            high = mid
-    return math.exp((low + high) / 2)
