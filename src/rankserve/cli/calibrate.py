@@ -63,8 +63,8 @@ def _trace(args: argparse.Namespace, max_len: int) -> np.ndarray:
 
 
 def cmd_calibrate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from rankserve.model.loader import ModelNotFoundError, load_model_dir
     from rankserve.engine.build import EngineSettings, build_core
+    from rankserve.model.loader import ModelNotFoundError, load_model_dir
     from rankserve.sim.calibrate import CalibrationPlan, calibrate
 
     try:
