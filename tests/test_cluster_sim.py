@@ -155,6 +155,7 @@ def test_sweep_runs_every_router(tmp_path):
     (["simulate", "--replicas", "2", "--router", "least-latency"], "--router"),
     (["simulate", "--replicas", "2", "--router-arg", "memory_awareness=false"], "--router-arg"),
     (["simulate", "--replicas", "2", "--router-arg", "prefill_weight=-1"], "--router-arg"),
+    (["simulate", "--replicas", "2", "--router", "sal", "--router-arg", "estimate=guess"], "--router-arg"),
     (["simulate", "--hardware", "a100-llama3-8b x2,tpu x2"], "--hardware"),
     (["sweep", "--replicas", "2", "--routers", "fastest"], "--routers"),
 ])
