@@ -2,7 +2,7 @@
 
     python benchmarks/cluster_sim.py [--replicas 8] [--hardware a100-llama3-8b] [--num-requests 20000]
         [--loads 0.7,0.85,0.95] [--systems fcfs ltr+ranker] [--routers ...] [--router-arg K=V ...]
-        [--workload sharegpt:test] [--arrival poisson] [--max-num-seqs 256]
+        [--workload sharegpt:test] [--prompt-len 32] [--arrival poisson] [--max-num-seqs 256]
         [--capacity RPS] [--workers 2] [--out out/cluster_sim] [--scores FILE | --write-scores FILE]
 
 1. Capacity: FCFS behind round-robin, Poisson arrivals at twice the cluster's nominal rate
@@ -192,6 +192,7 @@ def main() -> None:
     parser.add_argument("--hardware", default="a100-llama3-8b")
     parser.add_argument("--num-requests", type=int, default=20_000)
     parser.add_argument("--workload", default="sharegpt:test")
+    parser.add_argument("--prompt-len", type=int, default=32, help="prompt tokens of a synthetic workload")
     parser.add_argument("--arrival", default="poisson", help="poisson, gamma:CV, ... (as rankserve simulate)")
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--loads", default="0.7,0.85,0.95")
@@ -215,12 +216,14 @@ def main() -> None:
 
     base = SimSpec(workload=args.workload, num_requests=args.num_requests, hardware=args.hardware,
                    replicas=args.replicas, predictor=args.predictor, seed=args.seed, arrival=args.arrival,
+                   prompt_len=args.prompt_len,
                    max_num_seqs=args.max_num_seqs,
                    router_params=parse_params(",".join(args.router_arg)))
     result: dict[str, Any] = {"date": date.today().isoformat(), "cpu": cpu_model(), "cores": os.cpu_count(),
                               "python": platform.python_version(), "hardware": args.hardware,
                               "replicas": args.replicas, "num_requests": args.num_requests, "workload": args.workload,
-                              "arrival": args.arrival, "max_num_seqs": args.max_num_seqs}
+                              "arrival": args.arrival, "max_num_seqs": args.max_num_seqs,
+                              "prompt_len": args.prompt_len}
     if args.capacity is None:
         result["capacity"] = measure_capacity(base)
         capacity = result["capacity"]["capacity_rps"]
