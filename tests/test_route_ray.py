@@ -18,10 +18,10 @@ ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 pytest.importorskip("torch")
 
+from rankserve.engine.build import EngineSettings  # noqa: E402
 from rankserve.route.load import ScoreLengths  # noqa: E402
 from rankserve.route.scoring import PromptScorer, approximate_tokens  # noqa: E402
 from rankserve.server.ray_serve import OpenAIIngress, build_serve_app  # noqa: E402
-from rankserve.server.serve import EngineSettings  # noqa: E402
 from test_route_proxy import ScoreOnly  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
