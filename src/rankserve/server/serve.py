@@ -66,6 +66,7 @@ class LoadedEngine:
     model_name: str
     max_model_len: int
     vocab_size: int
+    kernels: dict[str, str]  # the kernel paths the model runs (KernelChoice.labels)
 
 
 def build_core(settings: EngineSettings):
@@ -73,12 +74,14 @@ def build_core(settings: EngineSettings):
     Returns (ModelFiles, EngineCore, max_model_len). Raises on a bad setting."""
     import torch
 
+    from rankserve.model.kernels import choose_kernels
     from rankserve.model.loader import load_model
     from rankserve.model.runner import ModelExecutor
 
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[settings.dtype]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     files, model = load_model(settings.model, dtype=dtype, device=device)
+    choose_kernels(model)  # timed on first use on this machine, then cached; logged
     per_block = model.cfg.kv_bytes_per_token(dtype) * settings.block_size
     device_blocks = int(settings.kv_cache_gb * GiB // per_block)
     host_blocks = int(settings.swap_space_gb * GiB // per_block)
@@ -110,8 +113,9 @@ def load_engine(settings: EngineSettings) -> LoadedEngine:
     from rankserve.model.loader import load_tokenizer
 
     files, core, max_len = build_core(settings)
+    model = core.executor.model
     return LoadedEngine(AsyncEngine(core), HFTextTokenizer(load_tokenizer(files)), files.name, max_len,
-                        core.executor.model.cfg.vocab_size)
+                        model.cfg.vocab_size, model.kernels.labels())
 
 
 _LAST_EVENTS_S = 10.0  # after the abort, for the aborted answers to go out (ms unless the host is swamped)
@@ -190,6 +194,7 @@ def serve(settings: EngineSettings, host: str, port: int, api_key: str | None, m
             return
         config.max_model_len, config.vocab_size = loaded.max_model_len, loaded.vocab_size
         app.state.tokenizer = loaded.tokenizer
+        app.state.kernels = loaded.kernels
         app.state.engine = loaded.engine
 
     threading.Thread(target=load, name="rankserve-load", daemon=True).start()
