@@ -72,11 +72,19 @@ def tiny_hf(request, tmp_path_factory):
 
 @pytest.fixture(scope="module", params=list(DECODE_ATTENTION))
 def tiny(request, tiny_hf):
-    """transformers' model and ours (fp32), ours on one decode attention kernel."""
+    """transformers' model and ours (fp32), ours on one decode attention kernel (for the tests
+    that decode)."""
     path, hf = tiny_hf
     ours = LlamaModel.from_pretrained(path, dtype=torch.float32, device=DEVICE)
     ours.use_kernels(KernelChoice(None, request.param, "forced"))
     return hf, ours
+
+
+@pytest.fixture(scope="module")
+def tiny_one(tiny_hf):
+    """transformers' model and ours on the default kernels (for the tests that only prefill)."""
+    path, hf = tiny_hf
+    return hf, LlamaModel.from_pretrained(path, dtype=torch.float32, device=DEVICE)
 
 
 def _prompts(n: int, seed: int = 1) -> list[list[int]]:
@@ -154,8 +162,8 @@ def _step(model, cache, blocks: Blocks, work: list[tuple[Seq, int]]) -> None:
 
 
 # ---- tiny random models against transformers ---------------------------------------------------
-def test_config_and_rope_match_transformers(tiny):
-    hf, ours = tiny
+def test_config_and_rope_match_transformers(tiny_one):
+    hf, ours = tiny_one
     assert ours.cfg.num_layers == 2 and ours.cfg.num_kv_heads == 2 and ours.cfg.head_dim == 16
     ref = hf.model.rotary_emb.inv_freq
     assert torch.allclose(rope_inv_freq(ours.cfg), ref.float(), rtol=1e-6)
@@ -163,8 +171,8 @@ def test_config_and_rope_match_transformers(tiny):
     assert ours.cfg.num_linear_params == linear
 
 
-def test_prefill_logits_match(tiny):
-    hf, ours = tiny
+def test_prefill_logits_match(tiny_one):
+    hf, ours = tiny_one
     prompt = _prompts(2)[1]
     cache = ours.allocate_kv_cache(32, BS)
     got = ours.forward([SeqInput(prompt, 0, list(range(10)))], cache).logits[0].cpu()
@@ -266,8 +274,8 @@ def test_greedy_after_recompute(tiny):
     assert s.generated[:STEPS] == ref
 
 
-def test_hidden_states_tap(tiny):
-    hf, ours = tiny
+def test_hidden_states_tap(tiny_one):
+    hf, ours = tiny_one
     p1, p2 = _prompts(2)
     cache = ours.allocate_kv_cache(32, BS)
     out = ours.forward(
@@ -306,9 +314,9 @@ def test_bf16_logits_close(tiny, fp32_gemm_min_rows):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_prepacked_linears_give_the_same_logits(tiny, dtype):
+def test_prepacked_linears_give_the_same_logits(tiny_one, dtype):
     """The oneDNN-prepacked weights are a layout change only: logits equal plain F.linear's."""
-    hf, ours = tiny
+    hf, ours = tiny_one
     weights = dict(hf.state_dict())
     packed = LlamaModel(ours.cfg, weights, dtype=dtype, prepack=True, fp32_copy=False, device=DEVICE)
     plain = LlamaModel(ours.cfg, weights, dtype=dtype, prepack=False, device=DEVICE)
@@ -322,7 +330,7 @@ def test_prepacked_linears_give_the_same_logits(tiny, dtype):
     assert torch.allclose(got, ref, atol=1e-5, rtol=1e-4)
 
 
-def test_bf16_batched_rows_run_on_fp32_copies(tiny):
+def test_bf16_batched_rows_run_on_fp32_copies(tiny_one):
     """A bf16 model on the CPU keeps fp32 copies of its linear weights for batches of
     FP32_GEMM_MIN_ROWS tokens or more: such a batch stays as close to the fp32 model as bf16 does,
     and a smaller batch runs the bf16 weights exactly as a model without the copies."""
@@ -330,7 +338,7 @@ def test_bf16_batched_rows_run_on_fp32_copies(tiny):
 
     if DEVICE != "cpu" or not torch.backends.mkldnn.is_available():
         pytest.skip("fp32 copies are a CPU (oneDNN) path")
-    hf, ours = tiny
+    hf, ours = tiny_one
     weights = dict(hf.state_dict())
     both = LlamaModel(ours.cfg, weights, dtype=torch.bfloat16)
     bf16_only = LlamaModel(ours.cfg, weights, dtype=torch.bfloat16, fp32_copy=False)
@@ -346,8 +354,8 @@ def test_bf16_batched_rows_run_on_fp32_copies(tiny):
                        bf16_only.forward(small, bf16_only.allocate_kv_cache(4, BS)).logits)
 
 
-def test_bad_inputs(tiny):
-    _, ours = tiny
+def test_bad_inputs(tiny_one):
+    _, ours = tiny_one
     cache = ours.allocate_kv_cache(4, BS)
     with pytest.raises(ValueError, match="cannot hold"):
         ours.forward([SeqInput([1, 2, 3, 4, 5], 0, [0])], cache)
@@ -442,10 +450,10 @@ def importlib_find(name):
     return importlib.util.find_spec(name)
 
 
-def test_long_prefill_alone_and_in_chunks(tiny):
+def test_long_prefill_alone_and_in_chunks(tiny_one):
     """A 130-token prompt prefilled at once (causal attention over the step's own keys) and in
     chunks of 48 (each chunk also reads the earlier ones from the cache) gives transformers' logits."""
-    hf, ours = tiny
+    hf, ours = tiny_one
     prompt = (_prompts(2)[1] * 4)[:130]
     with torch.no_grad():
         ref = hf(torch.tensor([prompt])).logits[0, -1]
