@@ -15,8 +15,9 @@ import time
 from pathlib import Path
 
 from rankserve.core.request import Request, SamplingParams
+from rankserve.engine.build import EngineSettings, build_core
 from rankserve.learn.sharegpt import load_prompts
-from rankserve.server.serve import EngineSettings, HFTextTokenizer, build_core
+from rankserve.model.tokenizer import HFTextTokenizer
 
 
 def run(policy: str, predictor: str, prompts, args) -> dict:

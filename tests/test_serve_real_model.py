@@ -3,9 +3,10 @@ its default configuration: learning-to-rank scheduling with the shipped ranker."
 
 from __future__ import annotations
 
-
 import pytest
 from helpers import serve_on_loopback, wait_until
+
+import rankserve.learn  # noqa: F401 - registers the learned predictors (ranker, probe) by name
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("torch")
@@ -15,9 +16,9 @@ pytest.importorskip("uvicorn")
 
 @pytest.fixture(scope="module")
 def server():
+    from rankserve.engine.build import EngineSettings, load_engine
     from rankserve.model.loader import ModelNotFoundError
     from rankserve.server.app import ServerConfig, build_app
-    from rankserve.server.serve import EngineSettings, load_engine
 
     try:
         loaded = load_engine(EngineSettings(dtype="float32", kv_cache_gb=0.25, swap_space_gb=0.25, max_num_seqs=8,
@@ -105,7 +106,7 @@ def test_probe_refines_from_the_engine_taps():
     """trail + probe on the real model: the classifier orders requests at admission, then the probe
     refines every running request's length from the hidden states the engine taps."""
     from rankserve.core.request import Request, SamplingParams
-    from rankserve.server.serve import EngineSettings, build_core
+    from rankserve.engine.build import EngineSettings, build_core
 
     _, core, _ = build_core(EngineSettings(dtype="bfloat16", kv_cache_gb=0.1, swap_space_gb=0.0, policy="trail",
                                            predictor="probe", preemption_mode="recompute"))

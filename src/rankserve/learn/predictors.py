@@ -22,10 +22,10 @@ from typing import Any
 import torch
 
 from rankserve.core.request import Request
+from rankserve.learn import LEARNED_NAMES
 from rankserve.predict.base import Predictor
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-LEARNED_NAMES = ("ranker", "classifier", "regressor", "probe")
 
 
 def default_weights(kind: str, labels: str = "served") -> Path:

@@ -9,113 +9,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
 
-from rankserve.core.block_manager import BlockManager
-from rankserve.core.policies import make_policy
-from rankserve.core.scheduler import Scheduler, SchedulerConfig
-from rankserve.engine.core import EngineCore
-from rankserve.engine.loop import AsyncEngine, WallClock
-from rankserve.predict import make_predictor
+import rankserve.learn  # noqa: F401 - registers the learned predictors (--predictor ranker, ...) by name
+from rankserve.engine.build import EngineSettings, load_engine
 
 log = logging.getLogger(__name__)
-GiB = 1 << 30
-
-
-class HFTextTokenizer:
-    """transformers' tokenizer behind the server's TextTokenizer protocol."""
-
-    def __init__(self, tokenizer) -> None:
-        self._tok = tokenizer
-        self.eos_token_id: int | None = tokenizer.eos_token_id
-
-    def encode(self, text: str) -> list[int]:
-        return list(self._tok(text)["input_ids"])
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=True)
-
-    def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
-        ids = self._tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-
-
-@dataclass
-class EngineSettings:
-    model: str | None = None  # None: the embedded SmolLM2-135M-Instruct
-    dtype: str = "bfloat16"  # or "float32"
-    policy: str = "fcfs"
-    policy_params: dict = field(default_factory=dict)  # e.g. {"starvation_prevention": False}
-    predictor: str | None = None
-    max_num_seqs: int = 32
-    max_num_batched_tokens: int = 1024
-    block_size: int = 16
-    kv_cache_gb: float = 2.0
-    swap_space_gb: float = 4.0
-    preemption_mode: str = "swap"
-    max_model_len: int | None = None
-    seed: int = 0
-    predictor_weights: str | None = None  # None: the shipped weights of --predictor
-
-
-@dataclass
-class LoadedEngine:
-    engine: AsyncEngine
-    tokenizer: HFTextTokenizer
-    model_name: str
-    max_model_len: int
-    vocab_size: int
-    kernels: dict[str, str]  # the kernel paths the model runs (KernelChoice.labels)
-
-
-def build_core(settings: EngineSettings):
-    """Load the model and build scheduler, executor and the step loop on a wall clock.
-    Returns (ModelFiles, EngineCore, max_model_len). Raises on a bad setting."""
-    import torch
-
-    from rankserve.model.kernels import choose_kernels
-    from rankserve.model.loader import load_model
-    from rankserve.model.runner import ModelExecutor
-
-    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[settings.dtype]
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    files, model = load_model(settings.model, dtype=dtype, device=device)
-    choose_kernels(model)  # timed on first use on this machine, then cached; logged
-    per_block = model.cfg.kv_bytes_per_token(dtype) * settings.block_size
-    device_blocks = int(settings.kv_cache_gb * GiB // per_block)
-    host_blocks = int(settings.swap_space_gb * GiB // per_block)
-    if device_blocks < 1:
-        raise ValueError(f"--kv-cache-gb {settings.kv_cache_gb} holds no KV block")
-    max_len = min(model.cfg.max_position_embeddings, device_blocks * settings.block_size)
-    if settings.max_model_len is not None:
-        max_len = min(max_len, settings.max_model_len)
-    clock = WallClock()
-    config = SchedulerConfig(
-        max_num_seqs=settings.max_num_seqs,
-        max_num_batched_tokens=settings.max_num_batched_tokens,
-        preemption_mode=settings.preemption_mode,
-        max_model_len=max_len,
-    )
-    blocks = BlockManager(device_blocks, host_blocks, settings.block_size)
-    scheduler = Scheduler(config, make_policy(settings.policy, **settings.policy_params), blocks, clock)
-    predictor = make_predictor(settings.predictor, weights=settings.predictor_weights) if settings.predictor else None
-    # A refining predictor reads the layer it was trained on from the engine's taps.
-    layers = (predictor.layer,) if predictor is not None and predictor.refines else ()
-    executor = ModelExecutor(model, device_blocks, host_blocks, settings.block_size, layers, seed=settings.seed)
-    log.info("%s: %d KV blocks of %d tokens on %s, %d host blocks, context %d",
-             files.name, device_blocks, settings.block_size, device, host_blocks, max_len)
-    return files, EngineCore(scheduler, executor, predictor), max_len
-
-
-def load_engine(settings: EngineSettings) -> LoadedEngine:
-    """The core of ``build_core`` running in its own thread, with the model's tokenizer."""
-    from rankserve.model.loader import load_tokenizer
-
-    files, core, max_len = build_core(settings)
-    model = core.executor.model
-    return LoadedEngine(AsyncEngine(core), HFTextTokenizer(load_tokenizer(files)), files.name, max_len,
-                        model.cfg.vocab_size, model.kernels.labels())
 
 
 _LAST_EVENTS_S = 10.0  # after the abort, for the aborted answers to go out (ms unless the host is swamped)
