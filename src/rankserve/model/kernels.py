@@ -123,7 +123,7 @@ def _sync(model: LlamaModel) -> Callable[[], None]:
 def time_gemm(model: LlamaModel, rows: Sequence[int] = GEMM_ROWS) -> dict[int, dict[str, float]]:
     """Seconds of the linears of ``GEMM_LAYERS`` layers at each row count, on the model-dtype
     weights ("native") and on the fp32 copies ("fp32"). The model must hold the copies."""
-    linears = [lin for layer in model.layers[:GEMM_LAYERS] for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+    linears = model.linears[: 4 * GEMM_LAYERS]  # qkv, o, gate_up, down of the first layers
     out = {}
     for n in rows:
         x16 = {lin.in_features: torch.randn(n, lin.in_features, dtype=model.dtype, device=model.device)

@@ -271,8 +271,9 @@ def decode_attention_flash(q: torch.Tensor, kv_layer: torch.Tensor, g: DecodeGro
 
 
 def decode_attention_matmul(q: torch.Tensor, kv_layer: torch.Tensor, g: DecodeGroup) -> torch.Tensor:
-    """Two batched matmuls and a float32 softmax over the gathered blocks: for one query row per
-    head the flash kernel's tiling buys nothing, and its per-call setup may cost more than it saves."""
+    """Two batched matmuls and a float32 softmax over the gathered blocks (the scores come out of
+    the matmul in the model's dtype): the alternative to the flash kernel for one query row per
+    head; which is faster depends on the CPU (``rankserve.model.kernels`` times both)."""
     k, v = _gather_group(kv_layer, g)
     scores = torch.matmul(q, k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
     probs = scores.masked_fill(~g.mask, float("-inf")).softmax(-1)
