@@ -101,6 +101,16 @@ def test_first_use_times_and_caches_then_reads_back(bf16, weights, cache_file, m
         kernels.choose_kernels(LlamaModel(CFG, weights, dtype=torch.bfloat16, fp32_copy=True))
 
 
+def test_a_broken_cache_is_timed_again(bf16, cache_file, caplog):
+    caplog.set_level(logging.INFO, logger="rankserve.model.kernels")
+    cache_file.write_text("{not json")
+    assert kernels.choose_kernels(bf16).source == "measured"
+    (digest,) = json.loads(cache_file.read_text())
+    cache_file.write_text(json.dumps({digest: {"choice": {"decode_attention": "paged"}}}))
+    assert kernels.choose_kernels(bf16).source == "measured"
+    assert json.loads(cache_file.read_text())[digest]["choice"]["decode_attention"] in DECODE_ATTENTION
+
+
 def test_forced_paths_are_not_timed_nor_cached(bf16, cache_file, monkeypatch):
     monkeypatch.setenv(kernels.ENV_FORCE, "gemm=native,attention=matmul")
     monkeypatch.setattr(kernels, "time_gemm", None)  # calling either would fail

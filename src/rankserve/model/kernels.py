@@ -196,17 +196,15 @@ def choose_kernels(model: LlamaModel, use_cache: bool = True) -> KernelChoice:
     returns it. On a GPU nothing is timed: the defaults run (the CUDA path is untested)."""
     forced = parse_forced(os.environ.get(ENV_FORCE, ""))
     if model.device.type != "cpu":
-        choice = KernelChoice(None, forced.get("decode_attention", model.kernels.decode_attention),
+        choice = KernelChoice(forced.get("fp32_gemm_min_rows"),
+                              forced.get("decode_attention", model.kernels.decode_attention),
                               "forced" if forced else "default")
-        model.use_kernels(choice)
+        model.use_kernels(choice)  # fp32 copies are CPU-only: forcing them here raises
         return choice
     key = machine_key(model)
     path, digest = cache_path(), _key_hash(key)
-    cached = _read(path).get(digest) if use_cache and not forced else None
-    if cached is not None and cached["choice"]["decode_attention"] in DECODE_ATTENTION and (
-            cached["choice"]["fp32_gemm_min_rows"] is None or model.lm_head.has_fp32_copy):
-        choice = KernelChoice(cached["choice"]["fp32_gemm_min_rows"], cached["choice"]["decode_attention"], "cached")
-    else:
+    choice = _cached_choice(_read(path).get(digest), model) if use_cache and not forced else None
+    if choice is None:
         started = time.perf_counter()
         choice, timings = _measure(model, forced)
         log.info("kernel timing took %.1f s", time.perf_counter() - started)
@@ -216,6 +214,19 @@ def choose_kernels(model: LlamaModel, use_cache: bool = True) -> KernelChoice:
     log.info("kernels on %s (%s threads): gemm %s, decode attention %s (%s)", key["cpu"], key["threads"],
              choice.gemm, choice.decode_attention, choice.source)
     return choice
+
+
+def _cached_choice(entry: object, model: LlamaModel) -> KernelChoice | None:
+    """A cache entry's choice, if it is well formed and ``model`` can run it."""
+    try:
+        min_rows, attention = entry["choice"]["fp32_gemm_min_rows"], entry["choice"]["decode_attention"]
+    except (KeyError, TypeError):
+        return None
+    if attention not in DECODE_ATTENTION or not (min_rows is None or (isinstance(min_rows, int) and min_rows >= 1)):
+        return None
+    if min_rows is not None and not model.lm_head.has_fp32_copy:
+        return None
+    return KernelChoice(min_rows, attention, "cached")
 
 
 def _read(path: Path) -> dict:
