@@ -44,6 +44,7 @@ class LoadedEngine:
     model_name: str
     max_model_len: int
     vocab_size: int
+    kernels: dict[str, str]  # the kernel paths the model runs (KernelChoice.labels)
 
 
 def build_core(settings: EngineSettings):
@@ -52,11 +53,13 @@ def build_core(settings: EngineSettings):
     ``predictor`` name is known once ``rankserve.learn`` is imported (it registers them)."""
     import torch  # torch loads with the model, not with this module
 
+    from rankserve.model.kernels import choose_kernels  # imports torch
     from rankserve.model.runner import ModelExecutor  # imports torch
 
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[settings.dtype]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     files, model = load_model(settings.model, dtype=dtype, device=device)
+    choose_kernels(model)  # timed on first use on this machine, then cached; logged
     per_block = model.cfg.kv_bytes_per_token(dtype) * settings.block_size
     device_blocks = int(settings.kv_cache_gb * GiB // per_block)
     host_blocks = int(settings.swap_space_gb * GiB // per_block)
@@ -86,5 +89,6 @@ def build_core(settings: EngineSettings):
 def load_engine(settings: EngineSettings) -> LoadedEngine:
     """The core of ``build_core`` running in its own thread, with the model's tokenizer."""
     files, core, max_len = build_core(settings)
+    model = core.executor.model
     return LoadedEngine(AsyncEngine(core), HFTextTokenizer(load_tokenizer(files)), files.name, max_len,
-                        core.executor.model.cfg.vocab_size)
+                        model.cfg.vocab_size, model.kernels.labels())

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from rankserve.core.request import Request, RequestStatus
 from rankserve.core.scheduler import Scheduler
@@ -55,9 +55,15 @@ class ServerMetrics:
         self.success = Counter("vllm:request_success", "Requests ended, by finish reason.",
                                labels + ["finished_reason"], registry=self.registry)
         self._engine_stats: EngineStats | None = None
-        self.registry.register(self)  # collect() adds the engine counters
+        self._kernels: dict[str, str] = {}
+        self.registry.register(self)  # collect() adds the engine counters and the kernel paths
 
-    def collect(self) -> Iterator[CounterMetricFamily]:
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        if self._kernels:  # info-style: always 1, the paths are in the labels
+            info = GaugeMetricFamily("rankserve:kernel_info", "Kernel paths the model runs (1; see the labels).",
+                                     labels=["model_name", *self._kernels])
+            info.add_metric([self._label["model_name"], *self._kernels.values()], 1)
+            yield info
         stats = self._engine_stats
         if stats is None:
             return
@@ -84,9 +90,12 @@ class ServerMetrics:
         for earlier, later in zip(req.token_times, req.token_times[1:]):
             itl.observe(later - earlier)
 
-    def render(self, scheduler: Scheduler | None, engine_stats: EngineStats | None = None) -> bytes:
-        """The exposition text; the scheduler's gauges and the engine's totals are read at scrape time."""
+    def render(self, scheduler: Scheduler | None, engine_stats: EngineStats | None = None,
+               kernels: dict[str, str] | None = None) -> bytes:
+        """The exposition text; the scheduler's gauges, the engine's totals and its kernel paths
+        (``KernelChoice.labels``) are read at scrape time."""
         self._engine_stats = engine_stats
+        self._kernels = kernels or {}
         if scheduler is not None:
             self.running.labels(**self._label).set(len(scheduler.running))
             self.waiting.labels(**self._label).set(scheduler.num_queued)

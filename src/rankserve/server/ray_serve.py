@@ -86,7 +86,7 @@ class EngineReplica:
         self.loaded = load_engine(settings)
         name = served_model_name or self.loaded.model_name
         config = ServerConfig(name, self.loaded.max_model_len, vocab_size=self.loaded.vocab_size)
-        self.app = build_app(config, self.loaded.tokenizer, self.loaded.engine)
+        self.app = build_app(config, self.loaded.tokenizer, self.loaded.engine, self.loaded.kernels)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.generated: dict[str, int] = {}  # route id -> output tokens streamed so far
 

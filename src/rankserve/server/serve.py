@@ -92,6 +92,7 @@ def serve(settings: EngineSettings, host: str, port: int, api_key: str | None, m
             return
         config.max_model_len, config.vocab_size = loaded.max_model_len, loaded.vocab_size
         app.state.tokenizer = loaded.tokenizer
+        app.state.kernels = loaded.kernels
         app.state.engine = loaded.engine
 
     threading.Thread(target=load, name="rankserve-load", daemon=True).start()
