@@ -56,6 +56,11 @@ def add_train_commands(sub, checked_positive_int) -> None:
     tr = sub.add_parser("train", help="train a prompt-side length predictor (MiniLM backbone)")
     tr.add_argument("kind", choices=("ranker", "classifier", "regressor"))
     tr.add_argument("--labels", default="served", help="served, reference, or a label CSV from rankserve label")
+    tr.add_argument("--from-records", type=Path, default=None, metavar="PATH",
+                    help="ranker only: fine-tune --base on served traffic recorded by `rankserve serve "
+                    "--record-lengths PATH` (requests cut at max_tokens count as lower bounds)")
+    tr.add_argument("--base", type=Path, default=None,
+                    help="with --from-records: the ranker to fine-tune (default: the shipped ranker-served)")
     tr.add_argument("--out", type=Path, required=True, help="where to write the .safetensors (+ .json)")
     tr.add_argument("--epochs", type=checked_positive_int, default=t.epochs)
     tr.add_argument("--list-size", type=checked_positive_int, default=t.list_size, help="ranker: prompts per list")
@@ -64,7 +69,8 @@ def add_train_commands(sub, checked_positive_int) -> None:
                     help="classifier bucket range / regressor scale (tokens)")
     tr.add_argument("--trainable-layers", type=checked_positive_int, default=m.trainable_layers)
     tr.add_argument("--max-length", type=checked_positive_int, default=m.max_length, help="prompt tokens kept")
-    tr.add_argument("--max-train", type=checked_positive_int, default=None, help="use at most this many prompts")
+    tr.add_argument("--max-train", type=checked_positive_int, default=None,
+                    help="use at most this many prompts (with --from-records: the first records)")
     tr.add_argument("--seed", type=int, default=t.seed)
     tr.set_defaults(run=cmd_train, parser=tr)
 
@@ -93,12 +99,40 @@ def cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from rankserve.learn.training import set_threads, train_text_predictor
 
     set_threads()
+    if args.from_records is not None or args.base is not None:
+        return _train_from_records(args, parser)
     data = _load_data(args, parser, args.max_train)
     model_config = TextModelConfig(kind=args.kind, trainable_layers=args.trainable_layers, max_length=args.max_length,
                                    num_buckets=args.buckets, max_output=args.max_output)
     train_config = TrainConfig(epochs=args.epochs, list_size=args.list_size, seed=args.seed)
     record = train_text_predictor(data, model_config, train_config, args.out)
     print(json.dumps({k: record[k] for k in ("labels", "num_train", "test_tau", "train_s", "prompts_per_s")}))
+    return 0
+
+
+def _train_from_records(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import json
+
+    from rankserve.learn.predictors import default_weights
+    from rankserve.learn.text_model import TrainConfig
+    from rankserve.learn.training import train_from_records
+
+    if args.from_records is None:
+        parser.error("argument --base: only with --from-records")
+    if args.kind != "ranker":
+        parser.error(f"argument --from-records: fine-tunes a ranker, not a {args.kind}")
+    if not args.from_records.is_file():
+        parser.error(f"argument --from-records: {args.from_records} does not exist")
+    base = args.base or default_weights("ranker")
+    if not base.is_file():
+        parser.error(f"argument --base: {base} does not exist")
+    config = TrainConfig(epochs=args.epochs, list_size=args.list_size, seed=args.seed)
+    try:
+        record = train_from_records(args.from_records, base, config, args.out, args.max_train)
+    except ValueError as exc:
+        parser.error(f"argument --from-records: {exc}")
+    print(json.dumps({k: record[k] for k in ("labels", "fine_tuned_from", "num_train", "share_cut_at_max_tokens",
+                                             "train_s")}))
     return 0
 
 

@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from rankserve.core.block_manager import BlockManager
 from rankserve.core.policies import make_policy
@@ -18,6 +19,9 @@ from rankserve.core.scheduler import Scheduler, SchedulerConfig
 from rankserve.engine.core import EngineCore
 from rankserve.engine.loop import AsyncEngine, WallClock
 from rankserve.predict import make_predictor
+
+if TYPE_CHECKING:  # needs torch, like the model (imported where an engine is built)
+    from rankserve.learn.records import LengthRecorder
 
 log = logging.getLogger(__name__)
 GiB = 1 << 30
@@ -66,6 +70,7 @@ class LoadedEngine:
     model_name: str
     max_model_len: int
     vocab_size: int
+    recorder: LengthRecorder | None = None
 
 
 def build_core(settings: EngineSettings):
@@ -105,13 +110,18 @@ def build_core(settings: EngineSettings):
     return files, EngineCore(scheduler, executor, predictor), max_len
 
 
-def load_engine(settings: EngineSettings) -> LoadedEngine:
-    """The core of ``build_core`` running in its own thread, with the model's tokenizer."""
+def load_engine(settings: EngineSettings, record_lengths: str | None = None,
+                record_prompts: bool = False) -> LoadedEngine:
+    """The core of ``build_core`` running in its own thread, with the model's tokenizer; with
+    ``record_lengths``, every finished request is recorded there for fine-tuning the ranker."""
+    from rankserve.learn.records import LengthRecorder
     from rankserve.model.loader import load_tokenizer
 
     files, core, max_len = build_core(settings)
-    return LoadedEngine(AsyncEngine(core), HFTextTokenizer(load_tokenizer(files)), files.name, max_len,
-                        core.executor.model.cfg.vocab_size)
+    recorder = LengthRecorder.for_predictor(record_lengths, core.predictor, record_prompts) if record_lengths else None
+    return LoadedEngine(AsyncEngine(core, on_ended=recorder.record if recorder else None),
+                        HFTextTokenizer(load_tokenizer(files)), files.name, max_len,
+                        core.executor.model.cfg.vocab_size, recorder)
 
 
 _LAST_EVENTS_S = 10.0  # after the abort, for the aborted answers to go out (ms unless the host is swamped)
@@ -168,8 +178,10 @@ class _DrainingServer:
 
 
 def serve(settings: EngineSettings, host: str, port: int, api_key: str | None, max_queued: int,
-          served_model_name: str | None = None, shutdown_timeout: float = 10.0) -> None:
-    """Run the server until a signal drains it. Raises ModelLoadError if the model fails to load."""
+          served_model_name: str | None = None, shutdown_timeout: float = 10.0,
+          record_lengths: str | None = None, record_prompts: bool = False) -> None:
+    """Run the server until a signal drains it. Raises ModelLoadError if the model fails to load.
+    ``record_lengths`` / ``record_prompts``: see ``load_engine``."""
     from rankserve.model.loader import load_model_dir
     from rankserve.server.app import ServerConfig, build_app
 
@@ -182,7 +194,7 @@ def serve(settings: EngineSettings, host: str, port: int, api_key: str | None, m
 
     def load() -> None:
         try:
-            loaded = load_engine(settings)
+            loaded = load_engine(settings, record_lengths, record_prompts)
         except Exception as exc:  # noqa: BLE001 - reported by serve() once uvicorn has stopped
             log.exception("loading the model failed")
             failure.append(exc)
@@ -190,6 +202,7 @@ def serve(settings: EngineSettings, host: str, port: int, api_key: str | None, m
             return
         config.max_model_len, config.vocab_size = loaded.max_model_len, loaded.vocab_size
         app.state.tokenizer = loaded.tokenizer
+        app.state.recorder = loaded.recorder
         app.state.engine = loaded.engine
 
     threading.Thread(target=load, name="rankserve-load", daemon=True).start()
@@ -198,5 +211,7 @@ def serve(settings: EngineSettings, host: str, port: int, api_key: str | None, m
     finally:
         if app.state.engine is not None:
             app.state.engine.shutdown()
+        if app.state.recorder is not None:  # after the engine: the last requests' records too
+            app.state.recorder.close()
     if failure:
         raise ModelLoadError(f"loading the model failed: {failure[0]}") from failure[0]
