@@ -3,7 +3,7 @@
 
     python benchmarks/records_curve.py [--records out/records/served.sqlite] [--labels served]
         [--base src/rankserve/learn/weights/ranker-reference.safetensors] [--counts 0,1000,3000]
-        [--epochs 2] [--sim-requests 1006] [--out out/records_curve.json]
+        [--epochs 2] [--sim-requests 1006] [--threads N] [--out out/records_curve.json]
 
 1. Records: every train row of a label file (``rankserve label``: a prompt, the served model's
    output length and finish reason) becomes a finished request that the base ranker scores and
@@ -28,6 +28,7 @@ from datetime import date
 from pathlib import Path
 
 import numpy as np
+import torch
 from engine_throughput import cpu_model  # the lscpu model name, next to every table
 
 from rankserve.bench.experiment import SimSpec, simulate_trace
@@ -91,9 +92,13 @@ def main() -> None:
     ap.add_argument("--sim-requests", type=int, default=1006)
     ap.add_argument("--compare", nargs="*", type=Path, default=[default_weights("ranker", "served")],
                     help="other weights to measure beside (default: the shipped ranker-served)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default: one per core; on a busy machine 1 can be faster)")
     ap.add_argument("--out", type=Path, default=Path("out/records_curve.json"))
     args = ap.parse_args()
     set_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     args.records.parent.mkdir(parents=True, exist_ok=True)
     timings = {}
     if not args.records.exists():

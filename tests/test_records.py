@@ -12,6 +12,7 @@ import torch
 from test_engine_loop import CountingExecutor, collect
 from test_learn import _toy_prompts
 
+from rankserve.cli.main import main
 from rankserve.core import (
     BlockManager,
     FinishReason,
@@ -197,3 +198,28 @@ def test_fine_tuning_on_records_learns_the_served_lengths(tmp_path):
         TextLengthModel(TextModelConfig(kind="ranker", trainable_layers=2, max_length=32)).save(other)
         train_from_records(tmp_path / "r.sqlite", other, TrainConfig(epochs=1), tmp_path / "x.safetensors",
                            progress=False)
+
+
+# ---- the command line -------------------------------------------------------------------------------
+@pytest.mark.parametrize("argv, message", [
+    (["serve", "--record-prompts"], "argument --record-prompts: only with --record-lengths"),
+    (["serve", "--record-lengths", "/nonexistent-dir/records.sqlite"], "argument --record-lengths"),
+    (["train", "ranker", "--from-records", "/nonexistent.sqlite", "--out", "x.safetensors"],
+     "argument --from-records: /nonexistent.sqlite does not exist"),
+    (["train", "classifier", "--from-records", "/nonexistent.sqlite", "--out", "x.safetensors"],
+     "argument --from-records: fine-tunes a ranker"),
+    (["train", "ranker", "--base", "/nonexistent.safetensors", "--out", "x.safetensors"],
+     "argument --base: only with --from-records"),
+])
+def test_recording_flags_misuse_is_a_flag_error(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_train_from_a_file_that_is_not_records_is_a_flag_error(tmp_path, capsys):
+    bogus = tmp_path / "bogus.sqlite"
+    bogus.write_text("not a database")
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "ranker", "--from-records", str(bogus), "--out", str(tmp_path / "x.safetensors")])
+    assert exc.value.code == 2 and "argument --from-records" in capsys.readouterr().err

@@ -14,21 +14,24 @@ pytest.importorskip("uvicorn")
 
 
 @pytest.fixture(scope="module")
-def server():
+def server(tmp_path_factory):
     from rankserve.model.loader import ModelNotFoundError
     from rankserve.server.app import ServerConfig, build_app
     from rankserve.server.serve import EngineSettings, load_engine
 
     try:
         loaded = load_engine(EngineSettings(dtype="float32", kv_cache_gb=0.25, swap_space_gb=0.25, max_num_seqs=8,
-                                            policy="ltr", predictor="ranker"))
+                                            policy="ltr", predictor="ranker"),
+                             record_lengths=tmp_path_factory.mktemp("records") / "records.sqlite")
     except ModelNotFoundError as exc:
         pytest.skip(str(exc))
     app = build_app(ServerConfig(loaded.model_name, loaded.max_model_len, vocab_size=loaded.vocab_size),
                     loaded.tokenizer, loaded.engine)
+    app.state.recorder = loaded.recorder
     with serve_on_loopback(app) as url:
         yield openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60), loaded
     loaded.engine.shutdown()
+    loaded.recorder.close()
 
 
 def test_models(server):
@@ -82,6 +85,24 @@ def test_the_ranker_scores_every_request(server):
     client.completions.create(model="smollm2-135m-instruct", prompt="Say hi.", max_tokens=2)
     report = loaded.engine.loop.core.predictor.report()
     assert report["predictor"] == "ranker" and report["prompts_scored"] >= 1
+
+
+def test_finished_requests_are_recorded_for_fine_tuning(server):
+    import httpx
+
+    from rankserve.learn.records import read_records
+
+    client, loaded = server
+    recorder = loaded.recorder
+    before = recorder.stats.written
+    client.completions.create(model="smollm2-135m-instruct", prompt="Name a colour.", max_tokens=3)
+    assert wait_until(lambda: recorder.stats.written > before, timeout_s=30)  # written in batches, off the engine
+    records = read_records(recorder.path)
+    assert records.output_tokens[-1] <= 3 and records.features[-1].shape[1] == 384
+    assert (records.spec.bottom_layers, records.spec.max_length) == (4, 128)  # the serving ranker-served's
+    metrics = httpx.get(str(client.base_url).removesuffix("/").removesuffix("/v1") + "/metrics").text
+    assert f'rankserve:length_records_written_total{{model_name="{loaded.model_name}"}} {recorder.stats.written:.1f}' \
+        in metrics
 
 
 def test_disconnect_mid_stream_frees_blocks(server):

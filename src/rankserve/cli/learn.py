@@ -50,7 +50,7 @@ def cmd_label(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def add_train_commands(sub, checked_positive_int) -> None:
-    from rankserve.learn.text_model import TextModelConfig, TrainConfig
+    from rankserve.learn.text_model import PRECISIONS, TextModelConfig, TrainConfig
 
     m, t = TextModelConfig(), TrainConfig()
     tr = sub.add_parser("train", help="train a prompt-side length predictor (MiniLM backbone)")
@@ -78,6 +78,8 @@ def add_train_commands(sub, checked_positive_int) -> None:
     ev.add_argument("models", nargs="*", type=Path, help="trained .safetensors files")
     ev.add_argument("--labels", default="served", help="served, reference, or a label CSV")
     ev.add_argument("--json", type=Path, default=None, help="write the rows as JSON here")
+    ev.add_argument("--precision", choices=PRECISIONS, default="auto",
+                    help="scoring precision (auto: what the server uses, bfloat16 where the CPU has it)")
     ev.set_defaults(run=cmd_eval, parser=ev)
 
 
@@ -139,13 +141,14 @@ def _train_from_records(args: argparse.Namespace, parser: argparse.ArgumentParse
 def cmd_eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import json
 
+    from rankserve.learn.text_model import inference_dtype
     from rankserve.learn.training import evaluate_saved, format_table, set_threads
 
     set_threads()
     for path in args.models:
         if not path.is_file():
             parser.error(f"argument models: {path} does not exist")
-    rows = evaluate_saved(_load_data(args, parser), args.models)
+    rows = evaluate_saved(_load_data(args, parser), args.models, inference_dtype(args.precision))
     print(format_table(rows))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)

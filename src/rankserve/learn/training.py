@@ -92,11 +92,12 @@ def baseline_rows(data: LabelData) -> list[dict]:
     return rows
 
 
-def evaluate_saved(data: LabelData, paths: Sequence[str | Path]) -> list[dict]:
+def evaluate_saved(data: LabelData, paths: Sequence[str | Path], dtype: torch.dtype = torch.float32) -> list[dict]:
+    """Baselines, then each saved model scoring in ``dtype``."""
     rows = baseline_rows(data)
     for path in paths:
-        model = TextLengthModel.load(path)
-        rows.append({"predictor": Path(path).stem, **measure(model, data)})
+        model = TextLengthModel.load(path, dtype)
+        rows.append({"predictor": Path(path).stem, "dtype": str(dtype).removeprefix("torch."), **measure(model, data)})
     return rows
 
 
