@@ -27,7 +27,7 @@ from rankserve.bench.workloads import arrival_times, sample_lengths
 from rankserve.core import SchedulerConfig, make_policy
 from rankserve.core.metrics import summarize
 from rankserve.core.request import Request, SamplingParams
-from rankserve.server.serve import EngineSettings, build_core
+from rankserve.engine.build import EngineSettings, build_core
 from rankserve.sim.cost_model import LinearCostModel, cpu_smollm2_135m
 from rankserve.sim.simulator import build_requests, simulate
 

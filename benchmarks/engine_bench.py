@@ -37,7 +37,7 @@ from rankserve.bench.experiment import SimSpec, parse_system, simulate_trace
 from rankserve.bench.workloads import arrival_times
 from rankserve.cli.bench import bench_workload
 from rankserve.integrations.vllm_server import free_port, running_server, vllm_server_command, vllm_server_env
-from rankserve.predict import LEARNED_NAMES
+from rankserve.learn import LEARNED_NAMES
 
 RANKSERVE = [sys.executable, "-m", "rankserve.cli.main"]
 
@@ -140,7 +140,7 @@ def plan(args) -> None:
     """Simulate the planned trace for every system and rate (no server)."""
     from rankserve.bench.report import markdown_table
     from rankserve.model.loader import load_model_dir, load_tokenizer
-    from rankserve.server.serve import HFTextTokenizer
+    from rankserve.model.tokenizer import HFTextTokenizer
 
     tok = HFTextTokenizer(load_tokenizer(load_model_dir(None)))
     records = []

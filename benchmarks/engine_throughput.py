@@ -48,7 +48,7 @@ def run_rankserve(args: argparse.Namespace, prompts: list[list[int]]) -> dict:
     import torch
 
     from rankserve.core.request import Request, SamplingParams
-    from rankserve.server.serve import EngineSettings, build_core
+    from rankserve.engine.build import EngineSettings, build_core
 
     torch.set_num_threads(args.threads)
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]

@@ -24,11 +24,12 @@ import torch
 from engine_throughput import cpu_model  # the lscpu model name, next to every table
 
 from rankserve.core.request import Request, SamplingParams
+from rankserve.engine.build import EngineSettings, build_core
 from rankserve.learn.evaluate import kendall_tau
 from rankserve.learn.predictors import TextModelPredictor, default_weights
 from rankserve.learn.sharegpt import load_prompts
 from rankserve.learn.text_model import torch_threads
-from rankserve.server.serve import EngineSettings, HFTextTokenizer, build_core
+from rankserve.model.tokenizer import HFTextTokenizer
 
 PROMPT_SIDE = {"ranker": "ranker", "probe": "classifier"}  # the text model each predictor scores with
 POLICY = {"ranker": "ltr", "probe": "trail"}

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Regenerate ``src/rankserve/bench/data/sharegpt_lengths.csv``.
+"""Regenerate ``src/rankserve/learn/data/sharegpt_lengths.csv``.
 
 For every ShareGPT conversation whose first two turns are (human, gpt), count the
 tokens of the first human turn (prompt) and of the first gpt turn (output) with the
@@ -41,7 +41,7 @@ from typing import NoReturn
 from rankserve.learn.sharegpt import first_pairs, iter_records
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_OUT = REPO_ROOT / "src" / "rankserve" / "bench" / "data" / "sharegpt_lengths.csv"
+DEFAULT_OUT = REPO_ROOT / "src" / "rankserve" / "learn" / "data" / "sharegpt_lengths.csv"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 MIN_LEN = 4

@@ -15,6 +15,7 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+import rankserve.learn  # noqa: E402, F401 - registers the ranker by name
 from rankserve.route.proxy import RouterConfig, RoutingProxy, build_proxy_app  # noqa: E402
 from rankserve.route.scoring import PromptScorer  # noqa: E402
 
@@ -23,10 +24,10 @@ SHORT, LONG = "hi", "Explain quantum computing in detail with examples and code.
 
 @pytest.fixture(scope="module")
 def stack():
+    from rankserve.engine.build import EngineSettings, load_engine
     from rankserve.model.loader import ModelNotFoundError
     from rankserve.predict import make_predictor
     from rankserve.server.app import ServerConfig, build_app
-    from rankserve.server.serve import EngineSettings, load_engine
 
     try:
         loaded = load_engine(EngineSettings(dtype="float32", kv_cache_gb=0.25, swap_space_gb=0.25, max_num_seqs=1,

@@ -348,7 +348,7 @@ def test_loader_local_dir(tmp_path):
 
 def test_engine_settings_reach_the_scheduler(tmp_path):
     """`serve --policy-arg` lands in the engine's policy (here: starvation prevention off)."""
-    from rankserve.server.serve import EngineSettings, build_core
+    from rankserve.engine.build import EngineSettings, build_core
 
     _tiny("llama", tmp_path / "m")
     settings = EngineSettings(model=str(tmp_path / "m"), dtype="float32", policy="ltr", predictor="oracle", kv_cache_gb=0.01,

@@ -1,12 +1,15 @@
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from scipy.stats import kendalltau
 
 from rankserve.bench.workloads import sample_workload
 from rankserve.core import Request, SamplingParams
-from rankserve.predict import make_predictor
+from rankserve.predict import make_predictor, predictor_names, register_learned
 from rankserve.predict.oracle import noise_for_tau
 
 
@@ -75,3 +78,29 @@ def test_noisy_oracle_is_calibrated_apart_from_a_workload_drawn_with_the_same_se
     predictor = make_predictor("noisy", target_tau=0.45, seed=0, calibration_lengths=lengths[:, 1])
     predictor.score(_requests(lengths[:, 1]))
     assert predictor.report()["achieved_tau"] == pytest.approx(0.45, abs=0.03)
+
+
+def test_predict_alone_knows_only_the_builtin_predictors():
+    """predict does not import learn: a fresh interpreter that imports only predict knows the
+    model-free predictors and says how the learned ones become known."""
+    code = ("import sys; from rankserve.predict import make_predictor, predictor_names\n"
+            "assert 'rankserve.learn' not in sys.modules, 'predict imported learn'\n"
+            "print(','.join(predictor_names()))\n"
+            "try:\n    make_predictor('ranker')\nexcept ValueError as exc:\n    print(exc)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    names, error = out.splitlines()
+    assert names == "oracle,noisy,prompt-len"
+    assert "unknown predictor 'ranker'" in error and "importing rankserve.learn" in error
+
+
+def test_learn_registers_its_predictors_by_name(monkeypatch):
+    from rankserve.learn import LEARNED_NAMES
+
+    assert predictor_names() == ("oracle", "noisy", "prompt-len", *LEARNED_NAMES)
+    built = []
+    monkeypatch.setattr("rankserve.learn.predictors.make_learned_predictor",
+                        lambda name, labels, weights: built.append((name, labels, weights)) or "model")
+    assert make_predictor("probe", labels="reference", weights="w.safetensors") == "model"
+    assert built == [("probe", "reference", "w.safetensors")]
+    with pytest.raises(ValueError, match="taken by a built-in"):
+        register_learned("oracle", lambda labels, weights: None)

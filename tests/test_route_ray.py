@@ -18,7 +18,7 @@ serve = pytest.importorskip("ray.serve")
 pytest.importorskip("torch")
 
 from rankserve.server.ray_serve import build_serve_app  # noqa: E402
-from rankserve.server.serve import EngineSettings  # noqa: E402
+from rankserve.engine.build import EngineSettings  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 

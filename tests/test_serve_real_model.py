@@ -3,9 +3,12 @@ its default configuration: learning-to-rank scheduling with the shipped ranker."
 
 from __future__ import annotations
 
+import re
 
 import pytest
 from helpers import serve_on_loopback, wait_until
+
+import rankserve.learn  # noqa: F401 - registers the learned predictors (ranker, probe) by name
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("torch")
@@ -14,24 +17,29 @@ pytest.importorskip("uvicorn")
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def records_path(tmp_path_factory):
+    return tmp_path_factory.mktemp("records") / "records.sqlite"
+
+
+@pytest.fixture(scope="module")
+def server(records_path):
+    from rankserve.engine.build import EngineSettings, load_engine
     from rankserve.model.loader import ModelNotFoundError
     from rankserve.server.app import ServerConfig, build_app
-    from rankserve.server.serve import EngineSettings, load_engine
+    from rankserve.server.serve import attach_recorder
 
     try:
         loaded = load_engine(EngineSettings(dtype="float32", kv_cache_gb=0.25, swap_space_gb=0.25, max_num_seqs=8,
-                                            policy="ltr", predictor="ranker"),
-                             record_lengths=tmp_path_factory.mktemp("records") / "records.sqlite")
+                                            policy="ltr", predictor="ranker"))
     except ModelNotFoundError as exc:
         pytest.skip(str(exc))
     app = build_app(ServerConfig(loaded.model_name, loaded.max_model_len, vocab_size=loaded.vocab_size),
                     loaded.tokenizer, loaded.engine)
-    app.state.recorder = loaded.recorder
+    app.state.recorder = attach_recorder(loaded, records_path)  # --record-lengths
     with serve_on_loopback(app) as url:
         yield openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60), loaded
     loaded.engine.shutdown()
-    loaded.recorder.close()
+    app.state.recorder.close()
 
 
 def test_models(server):
@@ -87,22 +95,25 @@ def test_the_ranker_scores_every_request(server):
     assert report["predictor"] == "ranker" and report["prompts_scored"] >= 1
 
 
-def test_finished_requests_are_recorded_for_fine_tuning(server):
+def test_finished_requests_are_recorded_for_fine_tuning(server, records_path):
     import httpx
 
     from rankserve.learn.records import read_records
 
     client, loaded = server
-    recorder = loaded.recorder
-    before = recorder.stats.written
+    metrics_url = str(client.base_url).removesuffix("/").removesuffix("/v1") + "/metrics"
+
+    def written() -> float:
+        found = re.search(r"^rankserve:length_records_written_total\{[^}]*\} (\S+)$", httpx.get(metrics_url).text, re.M)
+        return float(found.group(1))
+
+    before = written()
     client.completions.create(model="smollm2-135m-instruct", prompt="Name a colour.", max_tokens=3)
-    assert wait_until(lambda: recorder.stats.written > before, timeout_s=30)  # written in batches, off the engine
-    records = read_records(recorder.path)
+    assert wait_until(lambda: written() > before, timeout_s=30)  # written in batches, off the engine thread
+    records = read_records(records_path)
+    assert len(records.output_tokens) == written()
     assert records.output_tokens[-1] <= 3 and records.features[-1].shape[1] == 384
     assert (records.spec.bottom_layers, records.spec.max_length) == (4, 128)  # the serving ranker-served's
-    metrics = httpx.get(str(client.base_url).removesuffix("/").removesuffix("/v1") + "/metrics").text
-    assert f'rankserve:length_records_written_total{{model_name="{loaded.model_name}"}} {recorder.stats.written:.1f}' \
-        in metrics
 
 
 def test_disconnect_mid_stream_frees_blocks(server):
@@ -126,7 +137,7 @@ def test_probe_refines_from_the_engine_taps():
     """trail + probe on the real model: the classifier orders requests at admission, then the probe
     refines every running request's length from the hidden states the engine taps."""
     from rankserve.core.request import Request, SamplingParams
-    from rankserve.server.serve import EngineSettings, build_core
+    from rankserve.engine.build import EngineSettings, build_core
 
     _, core, _ = build_core(EngineSettings(dtype="bfloat16", kv_cache_gb=0.1, swap_space_gb=0.0, policy="trail",
                                            predictor="probe", preemption_mode="recompute"))

@@ -1,4 +1,5 @@
-"""Tests for rankserve.bench.workloads: length specs, arrival processes and the ShareGPT file."""
+"""Tests for rankserve.bench.workloads (length specs, arrival processes) and the ShareGPT lengths
+file of rankserve.learn.sharegpt."""
 
 from __future__ import annotations
 
@@ -11,13 +12,8 @@ from importlib import resources
 import numpy as np
 import pytest
 
-from rankserve.bench.workloads import (
-    WorkloadSpecError,
-    arrival_times,
-    load_sharegpt_lengths,
-    sample_lengths,
-    sharegpt_split_of,
-)
+from rankserve.bench.workloads import WorkloadSpecError, arrival_times, sample_lengths
+from rankserve.learn.sharegpt import load_sharegpt_lengths, sharegpt_split_of
 
 N = 20_000
 
@@ -27,7 +23,7 @@ def rng(seed: int = 1234) -> np.random.Generator:
 
 
 def packaged_rows() -> list[tuple[str, int, int]]:
-    text = resources.files("rankserve.bench").joinpath("data", "sharegpt_lengths.csv").read_text("utf-8")
+    text = resources.files("rankserve.learn").joinpath("data", "sharegpt_lengths.csv").read_text("utf-8")
     reader = csv.reader(io.StringIO(text))
     assert next(reader) == ["conv_id", "prompt_len", "output_len"]
     return [(row[0], int(row[1]), int(row[2])) for row in reader if row]

@@ -18,7 +18,9 @@ from rankserve.bench.workloads import arrival_times, sample_workload
 from rankserve.core.metrics import data_generation_summary
 from rankserve.core.policies import POLICIES, Policy
 from rankserve.core.scheduler import SchedulerConfig
-from rankserve.predict import LEARNED_NAMES, Predictor, make_predictor
+from rankserve.learn import LEARNED_NAMES
+from rankserve.learn.sharegpt import load_prompts
+from rankserve.predict import Predictor, make_predictor
 from rankserve.route.policies import ROUTERS, make_router
 from rankserve.sim.cluster import TRACKER_PARAMS, parse_hardware_list, simulate_cluster
 from rankserve.sim.cost_model import get_cost_model
@@ -148,8 +150,6 @@ def run_spec(spec: SimSpec, progress: bool = False, predictor: Predictor | None 
         if rows is None:
             raise ValueError(f"predictor '{spec.predictor}' reads prompt text: use a sharegpt workload")
         if row_texts is None:
-            from rankserve.learn.sharegpt import load_prompts
-
             row_texts = [p.text for p in load_prompts()]
         texts = [row_texts[r] for r in rows]
     # Simulations replay ShareGPT reference lengths: learned predictors use the weights trained on those labels.

@@ -30,30 +30,23 @@ Arrival specs (``ARRIVAL_FORMS``)::
     burst       every request at t = 0 (rate ignored); ``rate=inf`` does the same for any spec,
                 like vLLM's ``--request-rate inf``
 
-This module depends on numpy only.
+The ShareGPT lengths and their train/test split come from ``rankserve.learn.sharegpt``.
 """
 
 from __future__ import annotations
 
-import csv
-import hashlib
-import io
 import math
-import re
-from functools import lru_cache
-from importlib import resources
 
 import numpy as np
+
+from rankserve.learn.sharegpt import SPLITS, sharegpt_rows, sharegpt_table
 
 __all__ = [
     "ARRIVAL_FORMS",
     "LENGTH_FORMS",
-    "TRAIN_FRACTION",
     "WorkloadSpecError",
     "arrival_times",
-    "load_sharegpt_lengths",
     "sample_lengths",
-    "sharegpt_split_of",
 ]
 
 LENGTH_FORMS = (
@@ -62,16 +55,6 @@ LENGTH_FORMS = (
 )
 ARRIVAL_FORMS = "poisson, gamma:CV, burst"
 
-#: Share of ShareGPT conversations that fall on the "train" side of the split.
-TRAIN_FRACTION = 0.8
-
-_DATA_PACKAGE = "rankserve.bench"
-_DATA_FILE = "sharegpt_lengths.csv"
-_HEADER = ["conv_id", "prompt_len", "output_len"]
-_SPLITS = ("train", "test")
-# ShareGPT ids look like "QWJhYvA_0", "QWJhYvA_1": pieces of one original conversation. The split
-# is keyed on the part before the suffix so that the pieces never land on different sides.
-_PIECE_SUFFIX = re.compile(r"_\d+$")
 
 
 class WorkloadSpecError(ValueError):
@@ -87,63 +70,6 @@ def _length_error(spec: object, reason: str) -> WorkloadSpecError:
 
 def _arrival_error(spec: object, reason: str) -> WorkloadSpecError:
     return WorkloadSpecError(f"invalid arrival process {spec!r}: {reason} (forms: {ARRIVAL_FORMS})")
-
-
-# --------------------------------------------------------------------------------------------
-# ShareGPT lengths
-# --------------------------------------------------------------------------------------------
-
-
-def sharegpt_split_of(conv_id: str) -> str:
-    """``"train"`` or ``"test"``: the side of the fixed split that a ShareGPT conversation is on.
-
-    The split hashes (MD5) the conversation id without its ``_N`` piece suffix, so it is the same
-    on every machine and keeps all pieces of one conversation together. Use it to split prompts
-    the same way the lengths are split.
-    """
-    key = _PIECE_SUFFIX.sub("", conv_id)
-    bucket = int.from_bytes(hashlib.md5(key.encode("utf-8")).digest()[:8], "big") / 2.0**64
-    return "train" if bucket < TRAIN_FRACTION else "test"
-
-
-@lru_cache(maxsize=1)
-def sharegpt_table() -> tuple[tuple[str, ...], np.ndarray, np.ndarray]:
-    """(conv_ids, lengths, is_train) from the packaged CSV, read once; arrays are read-only."""
-    text = resources.files(_DATA_PACKAGE).joinpath("data", _DATA_FILE).read_text(encoding="utf-8")
-    reader = csv.reader(io.StringIO(text))
-    header = next(reader, None)
-    if header != _HEADER:
-        raise RuntimeError(f"{_DATA_FILE}: expected header {_HEADER}, found {header}")
-    ids: list[str] = []
-    pairs: list[tuple[int, int]] = []
-    for row in reader:
-        if not row:
-            continue
-        ids.append(row[0])
-        pairs.append((int(row[1]), int(row[2])))
-    lengths = np.array(pairs, dtype=np.int64).reshape(-1, 2)
-    is_train = np.array([sharegpt_split_of(i) == "train" for i in ids], dtype=bool)
-    lengths.flags.writeable = False
-    is_train.flags.writeable = False
-    return tuple(ids), lengths, is_train
-
-
-def load_sharegpt_lengths(split: str | None = None) -> np.ndarray:
-    """ShareGPT (prompt_len, output_len) pairs, shape ``(n, 2)``, int64, in the file's order.
-
-    The lengths are SmolLM2 token counts of each conversation's first (human, gpt) turn pair after
-    vLLM's benchmark filters (see ``rankserve/bench/data/README.md``). ``split`` is ``None`` for
-    all rows, or ``"train"`` / ``"test"`` for one side of the fixed split (``sharegpt_split_of``).
-    The file is parsed once; each call returns a fresh copy.
-    """
-    _, lengths, is_train = sharegpt_table()
-    if split is None:
-        return lengths.copy()
-    if split == "train":
-        return lengths[is_train]
-    if split == "test":
-        return lengths[~is_train]
-    raise ValueError(f"invalid ShareGPT split {split!r}: use None, 'train' or 'test'")
 
 
 # --------------------------------------------------------------------------------------------
@@ -181,7 +107,7 @@ def _parse_length_spec(spec: str) -> tuple[str, tuple, int | None]:
     name, *args = base.split(":")
     arity = {"fixed": 1, "exp": 1, "lognormal": 2, "uniform": 2, "bimodal": 3}
     if name == "sharegpt":
-        if len(args) > 1 or (args and args[0] not in _SPLITS):
+        if len(args) > 1 or (args and args[0] not in SPLITS):
             raise _length_error(spec, "sharegpt takes no argument, or :train / :test")
         return name, (args[0] if args else None,), cap
     if name not in arity:
@@ -246,16 +172,6 @@ def sample_lengths(spec: str, n: int, rng: np.random.Generator, prompt_len: int 
     Raises ``WorkloadSpecError`` for a spec it cannot use.
     """
     return sample_workload(spec, n, rng, prompt_len)[0]
-
-
-def sharegpt_rows(split: str | None = None) -> np.ndarray:
-    """Row numbers (in the lengths file, and in ``rankserve.learn.sharegpt.load_prompts``) of one split."""
-    _, _, is_train = sharegpt_table()
-    if split is None:
-        return np.arange(len(is_train))
-    if split in _SPLITS:
-        return np.flatnonzero(is_train if split == "train" else ~is_train)
-    raise ValueError(f"invalid ShareGPT split {split!r}: use None, 'train' or 'test'")
 
 
 def sample_workload(

@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 
 from rankserve.bench.workloads import ARRIVAL_FORMS, arrival_times, sample_lengths
+from rankserve.cli.flags import checked, positive, positive_int, rates
 
 
-def add_bench_commands(sub, checked) -> None:
+def add_bench_commands(sub) -> None:
     b = sub.add_parser("bench", help="load an OpenAI-compatible server (rankserve, vLLM) and measure it")
     b.add_argument("--url", default="http://127.0.0.1:8000/v1", help="the server's /v1 base URL")
     b.add_argument("--model", default=None, help="model name (default: the server's first /v1/models entry)")
@@ -21,23 +22,23 @@ def add_bench_commands(sub, checked) -> None:
     b.add_argument("--replay", choices=("reference", "served", "none"), default="served",
                    help="max_tokens = a recorded length with ignore_eos (ShareGPT reply or the served model's "
                         "own label), or none: sample freely up to --max-tokens")
-    b.add_argument("--num-requests", type=checked["positive_int"], default=200)
-    b.add_argument("--rates", type=checked["rates"], default=[2.0], help="comma-separated req/s (inf = burst)")
+    b.add_argument("--num-requests", type=checked(positive_int), default=200)
+    b.add_argument("--rates", type=checked(rates), default=[2.0], help="comma-separated req/s (inf = burst)")
     b.add_argument("--arrival", default="poisson", help=f"arrival process: {ARRIVAL_FORMS}")
-    b.add_argument("--max-tokens", type=checked["positive_int"], default=384, help="output cap")
-    b.add_argument("--length-scale", type=checked["rate"], default=1.0,
+    b.add_argument("--max-tokens", type=checked(positive_int), default=384, help="output cap")
+    b.add_argument("--length-scale", type=checked(positive), default=1.0,
                    help="multiply replayed lengths by this before the cap (e.g. 0.25 keeps ShareGPT's spread "
                         "at a quarter of the work, for slow hardware); the order of lengths is unchanged")
-    b.add_argument("--first-k", type=checked["positive_int"], default=None,
+    b.add_argument("--first-k", type=checked(positive_int), default=None,
                    help="synthetic data generation: report the time until any K requests finished")
-    b.add_argument("--time-limit", type=checked["rate"], default=None,
+    b.add_argument("--time-limit", type=checked(positive), default=None,
                    help="synthetic data generation: report how many finished within this many seconds")
-    b.add_argument("--prompt-len", type=checked["positive_int"], default=32, help="synthetic prompts' length")
+    b.add_argument("--prompt-len", type=checked(positive_int), default=32, help="synthetic prompts' length")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--label", default="run", help="system name in tables and plots (e.g. the server's policy)")
     b.add_argument("--out", type=Path, default=Path("out/bench"), help="directory for LABEL.json and plots")
-    b.add_argument("--slo-ttft", type=checked["rate"], default=None, help="goodput SLO on TTFT (s)")
-    b.add_argument("--slo-tpot", type=checked["rate"], default=None, help="goodput SLO on TPOT (s)")
+    b.add_argument("--slo-ttft", type=checked(positive), default=None, help="goodput SLO on TTFT (s)")
+    b.add_argument("--slo-tpot", type=checked(positive), default=None, help="goodput SLO on TPOT (s)")
     b.add_argument("--api-key", default=None)
     b.add_argument("--no-progress", action="store_true")
     b.set_defaults(run=cmd_bench, parser=b)

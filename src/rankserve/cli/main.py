@@ -19,11 +19,12 @@ from rankserve.bench.experiment import PAPER_SYSTEMS, SimSpec, parse_params, par
 from rankserve.bench.report import markdown_table, plot_latency_vs_rate, summary_line
 from rankserve.bench.workloads import ARRIVAL_FORMS, LENGTH_FORMS, arrival_times, sample_lengths
 from rankserve.cli.bench import add_bench_commands
-from rankserve.cli.flags import checked, non_negative, port, positive_int
+from rankserve.cli.flags import checked, non_negative, port, positive, positive_int, rate, rates
 from rankserve.cli.learn import add_label_command, add_train_commands
 from rankserve.cli.route import add_route_commands
 from rankserve.core.policies import POLICY_NAMES
-from rankserve.predict import LEARNED_NAMES, PREDICTOR_NAMES
+from rankserve.learn import LEARNED_NAMES
+from rankserve.predict import predictor_names
 from rankserve.route.load import ReplicaLoad
 from rankserve.route.policies import ROUTER_NAMES, make_router
 from rankserve.sim.cluster import TRACKER_PARAMS, parse_hardware_list
@@ -34,13 +35,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def _rate(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise ValueError(f"must be > 0 (or inf for a burst), got {text}")
-    return value
 
 
 def _tau(text: str) -> float:
@@ -65,13 +59,6 @@ def _hardware(text: str) -> str:
     return text
 
 
-def _rates(text: str) -> list[float]:
-    rates = [_rate(part) for part in text.split(",") if part]
-    if not rates:
-        raise ValueError("give at least one rate")
-    return rates
-
-
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workload", type=checked(_workload), default="sharegpt", help=f"output lengths: {LENGTH_FORMS}")
     p.add_argument("--prompt-len", type=checked(positive_int), default=32, help="prompt tokens (synthetic workloads)")
@@ -92,7 +79,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--first-k", type=checked(positive_int), default=None,
                    help="synthetic data generation: report the time until any K requests finished")
-    p.add_argument("--time-limit", type=checked(_rate), default=None,
+    p.add_argument("--time-limit", type=checked(positive), default=None,
                    help="synthetic data generation: report how many finished within this many seconds")
 
 
@@ -104,9 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--policy", choices=POLICY_NAMES, default="ltr")
     sim.add_argument("--policy-arg", action="append", default=[], metavar="KEY=VALUE",
                      help="a policy parameter, e.g. c=0.8 for trail (repeatable)")
-    sim.add_argument("--predictor", choices=PREDICTOR_NAMES, default="oracle")
+    sim.add_argument("--predictor", choices=predictor_names(), default="oracle")
     sim.add_argument("--target-tau", type=checked(_tau), default=None, help="Kendall's tau for --predictor noisy")
-    sim.add_argument("--rate", type=checked(_rate), default=10.0, help="requests per second (inf = burst)")
+    sim.add_argument("--rate", type=checked(rate), default=10.0, help="requests per second (inf = burst)")
     sim.add_argument("--router", choices=ROUTER_NAMES, default="sal",
                      help="with --replicas > 1: the router (default: sal, least predicted outstanding work)")
     _add_run_options(sim)
@@ -117,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw = sub.add_parser("sweep", help="simulate systems x rates; write a table, JSON and a latency-vs-rate plot")
     sw.add_argument("--systems", nargs="+", default=list(PAPER_SYSTEMS),
                     help="POLICY[:k=v,...][+PREDICTOR[@TAU]] each, e.g. fcfs ltr+oracle ltr+noisy@0.62")
-    sw.add_argument("--rates", type=checked(_rates), default=[10.0, 16.0, 20.0, 24.0],
+    sw.add_argument("--rates", type=checked(rates), default=[10.0, 16.0, 20.0, 24.0],
                     help="comma-separated request rates")
     sw.add_argument("--routers", nargs="+", choices=ROUTER_NAMES, default=["sal"],
                     help="with --replicas > 1: every system behind each of these routers")
@@ -151,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --record-lengths: also keep each prompt's text (off: only its features and digest)")
     sv.add_argument("--max-num-seqs", type=checked(positive_int), default=32)
     sv.add_argument("--max-num-batched-tokens", type=checked(positive_int), default=1024)
-    sv.add_argument("--kv-cache-gb", type=checked(_rate), default=2.0, help="device KV cache size (GiB)")
+    sv.add_argument("--kv-cache-gb", type=checked(positive), default=2.0, help="device KV cache size (GiB)")
     sv.add_argument("--swap-space-gb", type=checked(non_negative), default=4.0, help="host swap space (GiB)")
     sv.add_argument("--preemption-mode", choices=("swap", "recompute"), default="swap")
     sv.add_argument("--max-model-len", type=checked(positive_int), default=None)
@@ -163,10 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="on SIGTERM/SIGINT, seconds to let requests in flight finish before aborting them")
     sv.set_defaults(run=cmd_serve, parser=sv)
 
-    add_label_command(sub, checked(positive_int), checked(non_negative))
-    add_train_commands(sub, checked(positive_int))
-    add_bench_commands(sub, {"positive_int": checked(positive_int), "rate": checked(_rate),
-                             "rates": checked(_rates)})
+    add_label_command(sub)
+    add_train_commands(sub)
+    add_bench_commands(sub)
     add_route_commands(sub)
     return parser
 
@@ -207,8 +193,8 @@ def _validate(spec: SimSpec, parser: argparse.ArgumentParser, flag: str) -> None
         parser.error(f"argument {flag}: {exc}")
     if policy.needs_prediction and spec.predictor == "noisy" and spec.target_tau is None:
         parser.error(f"argument {flag}: predictor 'noisy' needs a target tau (--target-tau, or noisy@TAU)")
-    if spec.predictor not in PREDICTOR_NAMES:
-        parser.error(f"argument {flag}: unknown predictor {spec.predictor!r} (choose from {', '.join(PREDICTOR_NAMES)})")
+    if spec.predictor not in predictor_names():
+        parser.error(f"argument {flag}: unknown predictor {spec.predictor!r} (choose from {', '.join(predictor_names())})")
     if spec.predictor in LEARNED_NAMES and policy.needs_prediction:
         from rankserve.learn.predictors import default_weights
 
@@ -305,8 +291,9 @@ def cmd_sweep(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 def cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from rankserve.core.policies import POLICIES, make_policy
+    from rankserve.engine.build import EngineSettings
     from rankserve.model.loader import ModelNotFoundError
-    from rankserve.server.serve import EngineSettings, ModelLoadError, serve
+    from rankserve.server.serve import ModelLoadError, serve
 
     policy = POLICIES[args.policy]
     try:

@@ -70,6 +70,7 @@ from vllm.v1.request import Request as VllmRequest  # noqa: E402
 from rankserve.core.policies import Policy, make_policy  # noqa: E402
 from rankserve.core.request import Request, RequestStatus  # noqa: E402
 from rankserve.core.scheduler import displaced_by_rank  # noqa: E402
+import rankserve.learn  # noqa: E402, F401 - registers the learned predictors (RANKSERVE_PREDICTOR=ranker) by name
 from rankserve.predict import Predictor, make_predictor  # noqa: E402
 
 # A child of vLLM's logger, so these lines come out in vLLM's format next to its own.

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from rankserve.learn.labels import read_labels
-from rankserve.learn.sharegpt import Prompt, load_prompts
+from rankserve.learn.sharegpt import Prompt, load_prompts, sharegpt_table
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 SERVED_LABELS = DATA_DIR / "labels_smollm2.csv"
@@ -44,8 +44,6 @@ def load_label_data(source: str = "served", max_train: int | None = None) -> Lab
     """``source``: "reference", "served", or the path of a label CSV."""
     prompts = load_prompts()
     if source == "reference":
-        from rankserve.bench.workloads import sharegpt_table
-
         _, table, _ = sharegpt_table()
         plen = {p.conv_id: int(row[0]) for p, row in zip(prompts, table)}
         train = [p for p in prompts if p.split == "train"][:max_train]

@@ -15,6 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
+from rankserve.learn.labels import read_labels, read_tokens
+from rankserve.learn.sharegpt import load_prompts
+from rankserve.model.loader import load_model, load_tokenizer
+from rankserve.model.tokenizer import HFTextTokenizer
+
 #: Layers tapped for the probe's layer sweep (SmolLM2 has 30).
 SWEEP_LAYERS = (4, 8, 12, 16, 20, 24, 30)
 
@@ -69,11 +74,7 @@ def extract_features(
     import torch
     from tqdm import tqdm
 
-    from rankserve.learn.labels import read_labels, read_tokens
-    from rankserve.learn.sharegpt import load_prompts
-    from rankserve.model.llama import SeqInput
-    from rankserve.model.loader import load_model, load_tokenizer
-    from rankserve.server.serve import HFTextTokenizer
+    from rankserve.model.llama import SeqInput  # imports torch
 
     labels = read_labels(label_csv)
     tokens = read_tokens(label_csv)

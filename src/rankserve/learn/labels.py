@@ -22,7 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
+from rankserve.core.request import Request, SamplingParams
+from rankserve.engine.build import EngineSettings, build_core
 from rankserve.learn.sharegpt import Prompt, load_prompts
+from rankserve.model.loader import load_model_dir, load_tokenizer
+from rankserve.model.tokenizer import HFTextTokenizer
 
 LABEL_HEADER = ["conv_id", "split", "seed", "prompt_len", "output_len", "finish"]
 
@@ -152,9 +156,6 @@ def run_labels(
 ) -> LabelSet:
     """Label every job of ``config`` not yet in ``out_csv``, ``chunk`` jobs at a time (each chunk is
     written before the next starts); returns the full label set."""
-    from rankserve.model.loader import load_model_dir, load_tokenizer
-    from rankserve.server.serve import HFTextTokenizer
-
     if backend not in ("rankserve", "vllm"):
         raise ValueError(f"unknown backend {backend!r} (rankserve or vllm)")
     if backend == "vllm" and not vllm_python:
@@ -203,9 +204,6 @@ def _generate_rankserve(config, files, tok, jobs, seed, vllm_python, progress) -
     """Run the jobs through rankserve's own engine (FCFS); per-request seeds."""
     from tqdm import tqdm
 
-    from rankserve.core.request import Request
-    from rankserve.server.serve import EngineSettings, build_core
-
     settings = EngineSettings(
         model=config.model, dtype=config.dtype, policy="fcfs", max_num_seqs=config.max_num_seqs,
         max_num_batched_tokens=2048, kv_cache_gb=4.0, swap_space_gb=0.0, preemption_mode="recompute",
@@ -226,8 +224,6 @@ def _generate_rankserve(config, files, tok, jobs, seed, vllm_python, progress) -
 
 
 def _sampling(config: LabelConfig, tok, seed: int | None):
-    from rankserve.core.request import SamplingParams
-
     return SamplingParams(
         max_tokens=config.max_tokens, temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
         repetition_penalty=config.repetition_penalty, seed=seed, stop_token_ids=(tok.eos_token_id,),
@@ -276,7 +272,7 @@ def _write_meta(out_csv: Path, config: LabelConfig, model_name: str, backend: st
         "backend": backend,
         "seeds": ("rankserve: per-request seed = first 4 bytes (big-endian) of sha256(f'{conv_id}/{seed}'); "
                   "vllm: one engine seed per run (vLLM-CPU has no per-request seeds)"),
-        "split": "rankserve.bench.workloads.sharegpt_split_of (MD5 of the conversation id, 80/20)",
+        "split": "rankserve.learn.sharegpt.sharegpt_split_of (MD5 of the conversation id, 80/20)",
         "torch": torch.__version__,
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "date": time.strftime("%Y-%m-%d"),

@@ -22,11 +22,11 @@ from typing import Any
 import torch
 
 from rankserve.core.request import Request
+from rankserve.learn import LEARNED_NAMES
 from rankserve.learn.text_model import TextLengthModel, inference_dtype, torch_threads
 from rankserve.predict.base import Predictor
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-LEARNED_NAMES = ("ranker", "classifier", "regressor", "probe")
 
 
 def default_weights(kind: str, labels: str = "served") -> Path:

