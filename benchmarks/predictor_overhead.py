@@ -42,7 +42,7 @@ def parse_setting(text: str) -> tuple[str, int | None]:
 
 def text_predictor(predictor: str, setting: tuple[str, int | None], labels: str) -> TextModelPredictor:
     precision, threads = setting
-    weights = default_weights(PROMPT_SIDE[predictor], labels if predictor == "ranker" else "served")
+    weights = default_weights(PROMPT_SIDE[predictor], labels if predictor == "ranker" else None)
     return TextModelPredictor(weights, precision=precision, threads=threads)
 
 
@@ -108,8 +108,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--predictors", default="ranker,probe", help="comma-separated: ranker, probe")
     ap.add_argument("--settings", default="float32:2,auto:1", help="comma-separated PRECISION:THREADS")
-    ap.add_argument("--labels", default="served", choices=("served", "reference"),
-                    help="the shipped weights to score with (ranker-<labels>, classifier-<labels>)")
+    ap.add_argument("--labels", default=None, choices=("served", "reference"),
+                    help="the ranker's shipped weights (ranker-<labels>; default: the server's default)")
     ap.add_argument("--offline", type=int, default=0, help="also score this many prompts alone")
     ap.add_argument("--out", type=Path, default=Path("out/overhead.json"))
     args = ap.parse_args()
@@ -125,7 +125,7 @@ def main() -> None:
     result = {"cpu": cpu_model(), "date": str(date.today()), "engine": rows}
     if args.offline:
         result["offline"] = offline(settings, prompts[: args.offline], args.batch, args.labels)
-        print(f"\nranker-{args.labels} scoring alone, {args.offline} test prompts in batches of {args.batch}")
+        print(f"\n{default_weights('ranker', args.labels).stem} scoring alone, {args.offline} test prompts in batches of {args.batch}")
         print("| scoring (precision:threads) | prompts/s | CPU s per prompt | tau (reference lengths) |")
         print("|---|---|---|---|")
         for r in result["offline"]:

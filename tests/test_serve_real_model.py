@@ -113,7 +113,7 @@ def test_finished_requests_are_recorded_for_fine_tuning(server, records_path):
     records = read_records(records_path)
     assert len(records.output_tokens) == written()
     assert records.output_tokens[-1] <= 3 and records.features[-1].shape[1] == 384
-    assert (records.spec.bottom_layers, records.spec.max_length) == (4, 128)  # the serving ranker-served's
+    assert (records.spec.bottom_layers, records.spec.max_length) == (3, 256)  # the serving ranker-reference's
 
 
 def test_disconnect_mid_stream_frees_blocks(server):

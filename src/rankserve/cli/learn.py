@@ -61,7 +61,7 @@ def add_train_commands(sub) -> None:
                     help="ranker only: fine-tune --base on served traffic recorded by `rankserve serve "
                     "--record-lengths PATH` (requests cut at max_tokens count as lower bounds)")
     tr.add_argument("--base", type=Path, default=None,
-                    help="with --from-records: the ranker to fine-tune (default: the shipped ranker-served)")
+                    help="with --from-records: the ranker to fine-tune (default: the shipped default ranker, ranker-reference)")
     tr.add_argument("--out", type=Path, required=True, help="where to write the .safetensors (+ .json)")
     tr.add_argument("--epochs", type=checked(positive_int), default=t.epochs)
     tr.add_argument("--list-size", type=checked(positive_int), default=t.list_size, help="ranker: prompts per list")

@@ -6,8 +6,9 @@ prompt-side length predictor and refines every running request's remaining lengt
 engine's hidden-state taps every K decode steps (TRAIL).
 
 Trained weights ship in ``rankserve/learn/weights``: ``<kind>-served`` (trained on the served
-model's own lengths; what the server uses) and ``<kind>-reference`` (ShareGPT reply lengths; what
-GPU-scale simulations use).
+model's own lengths) and ``<kind>-reference`` (ShareGPT reply lengths). ``default_weights`` picks
+``ranker-reference`` for the ranker (it ranks both kinds of lengths better) and the served
+weights of the other kinds (the only ones shipped).
 """
 
 from __future__ import annotations
@@ -29,9 +30,15 @@ from rankserve.predict.base import Predictor
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
 
-def default_weights(kind: str, labels: str = "served") -> Path:
-    """The shipped weights of one predictor kind (``labels``: served or reference)."""
-    return WEIGHTS_DIR / f"{kind}-{labels}.safetensors"
+# The ranker trained on ShareGPT's reply lengths ranks the served model's own lengths better than the
+# one trained on them (tau 0.186 vs 0.157 on the served test split, 0.437 vs 0.06 on the reference
+# one; docs/PREDICTORS.md section 5), so it is the default. The other kinds ship only served weights.
+DEFAULT_LABELS = {"ranker": "reference"}
+
+
+def default_weights(kind: str, labels: str | None = None) -> Path:
+    """The shipped weights of one predictor kind (``labels``: served, reference, or None: the default)."""
+    return WEIGHTS_DIR / f"{kind}-{labels or DEFAULT_LABELS.get(kind, 'served')}.safetensors"
 
 
 def _text_of(req: Request) -> str:
@@ -165,14 +172,14 @@ class ProbePredictor(Predictor):
                 "refinements": self.num_refinements, "refine_time_s": round(self.refine_time_s, 3)}
 
 
-def make_learned_predictor(name: str, labels: str = "served", weights: str | Path | None = None) -> Predictor:
+def make_learned_predictor(name: str, labels: str | None = None, weights: str | Path | None = None) -> Predictor:
     """``ranker`` / ``classifier`` / ``regressor`` from their shipped (or given) weights; ``probe``
     refines the classifier's lengths."""
     if name in ("ranker", "classifier", "regressor"):
         return TextModelPredictor(weights or _require(default_weights(name, labels)))
     if name == "probe":
-        prompt_side = TextModelPredictor(_require(default_weights("classifier", labels)))
-        return ProbePredictor(weights or _require(default_weights("probe", "served")), prompt_side)
+        prompt_side = TextModelPredictor(_require(default_weights("classifier", labels)))  # served only
+        return ProbePredictor(weights or _require(default_weights("probe")), prompt_side)
     raise ValueError(f"unknown learned predictor {name!r} (choose from {', '.join(LEARNED_NAMES)})")
 
 
