@@ -115,13 +115,16 @@ def main() -> None:
     args = ap.parse_args()
     settings = [parse_setting(s) for s in args.settings.split(",")]
     prompts = [p for p in load_prompts() if p.split == "test"]
-    rows = [run(pred, s, prompts[: args.requests], args) for pred in args.predictors.split(",") for s in settings]
     print(f"{cpu_model()}, {torch.get_num_threads()} torch threads in the engine, {date.today()}")
     print("| policy + predictor | scoring (precision:threads) | engine s | predictor s | share | prompts scored/s |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['policy']} + {r['predictor']} | {r['setting']} | {r['engine_s']:.1f} | {r['predictor_s']:.2f} | "
-              f"{100 * r['share']:.2f}% | {r['prompts_per_s']:.0f} |")
+    print("|---|---|---|---|---|---|", flush=True)
+    rows = []
+    for pred in args.predictors.split(","):
+        for setting in settings:  # each row as it comes: a run takes minutes
+            r = run(pred, setting, prompts[: args.requests], args)
+            rows.append(r)
+            print(f"| {r['policy']} + {r['predictor']} | {r['setting']} | {r['engine_s']:.1f} | {r['predictor_s']:.2f} | "
+                  f"{100 * r['share']:.2f}% | {r['prompts_per_s']:.0f} |", flush=True)
     result = {"cpu": cpu_model(), "date": str(date.today()), "engine": rows}
     if args.offline:
         result["offline"] = offline(settings, prompts[: args.offline], args.batch, args.labels)
