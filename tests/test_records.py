@@ -13,16 +13,10 @@ from test_engine_loop import CountingExecutor, collect
 from test_learn import _toy_prompts
 
 from rankserve.cli.main import main
-from rankserve.core import (
-    BlockManager,
-    FinishReason,
-    Request,
-    RequestStatus,
-    SamplingParams,
-    Scheduler,
-    SchedulerConfig,
-    make_policy,
-)
+from rankserve.core.block_manager import BlockManager
+from rankserve.core.policies import make_policy
+from rankserve.core.request import FinishReason, Request, RequestStatus, SamplingParams
+from rankserve.core.scheduler import Scheduler, SchedulerConfig
 from rankserve.engine import AsyncEngine, EngineCore, WallClock
 from rankserve.learn.evaluate import kendall_tau
 from rankserve.learn.predictors import TextModelPredictor
