@@ -3,6 +3,8 @@ its default configuration: learning-to-rank scheduling with the shipped ranker."
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from helpers import serve_on_loopback, wait_until
 
@@ -15,10 +17,16 @@ pytest.importorskip("uvicorn")
 
 
 @pytest.fixture(scope="module")
-def server():
+def records_path(tmp_path_factory):
+    return tmp_path_factory.mktemp("records") / "records.sqlite"
+
+
+@pytest.fixture(scope="module")
+def server(records_path):
     from rankserve.engine.build import EngineSettings, load_engine
     from rankserve.model.loader import ModelNotFoundError
     from rankserve.server.app import ServerConfig, build_app
+    from rankserve.server.serve import attach_recorder
 
     try:
         loaded = load_engine(EngineSettings(dtype="float32", kv_cache_gb=0.25, swap_space_gb=0.25, max_num_seqs=8,
@@ -27,9 +35,11 @@ def server():
         pytest.skip(str(exc))
     app = build_app(ServerConfig(loaded.model_name, loaded.max_model_len, vocab_size=loaded.vocab_size),
                     loaded.tokenizer, loaded.engine)
+    app.state.recorder = attach_recorder(loaded, records_path)  # --record-lengths
     with serve_on_loopback(app) as url:
         yield openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60), loaded
     loaded.engine.shutdown()
+    app.state.recorder.close()
 
 
 def test_models(server):
@@ -83,6 +93,27 @@ def test_the_ranker_scores_every_request(server):
     client.completions.create(model="smollm2-135m-instruct", prompt="Say hi.", max_tokens=2)
     report = loaded.engine.loop.core.predictor.report()
     assert report["predictor"] == "ranker" and report["prompts_scored"] >= 1
+
+
+def test_finished_requests_are_recorded_for_fine_tuning(server, records_path):
+    import httpx
+
+    from rankserve.learn.records import read_records
+
+    client, loaded = server
+    metrics_url = str(client.base_url).removesuffix("/").removesuffix("/v1") + "/metrics"
+
+    def written() -> float:
+        found = re.search(r"^rankserve:length_records_written_total\{[^}]*\} (\S+)$", httpx.get(metrics_url).text, re.M)
+        return float(found.group(1))
+
+    before = written()
+    client.completions.create(model="smollm2-135m-instruct", prompt="Name a colour.", max_tokens=3)
+    assert wait_until(lambda: written() > before, timeout_s=30)  # written in batches, off the engine thread
+    records = read_records(records_path)
+    assert len(records.output_tokens) == written()
+    assert records.output_tokens[-1] <= 3 and records.features[-1].shape[1] == 384
+    assert (records.spec.bottom_layers, records.spec.max_length) == (3, 256)  # the serving ranker-reference's
 
 
 def test_disconnect_mid_stream_frees_blocks(server):

@@ -131,6 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "oracle: only for replayed traces, where ignore_eos requests' max_tokens is the length)")
     sv.add_argument("--predictor-weights", default=None,
                     help="trained weights (.safetensors) for --predictor; default: the shipped ones")
+    sv.add_argument("--record-lengths", type=Path, default=None, metavar="PATH",
+                    help="record every finished request (token counts, finish reason, the ranker's prompt "
+                    "features) in this SQLite file, for `rankserve train ranker --from-records PATH`")
+    sv.add_argument("--record-prompts", action="store_true",
+                    help="with --record-lengths: also keep each prompt's text (off: only its features and digest)")
     sv.add_argument("--max-num-seqs", type=checked(positive_int), default=32)
     sv.add_argument("--max-num-batched-tokens", type=checked(positive_int), default=1024)
     sv.add_argument("--kv-cache-gb", type=checked(positive), default=2.0, help="device KV cache size (GiB)")
@@ -305,6 +310,10 @@ def cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         weights = Path(args.predictor_weights) if args.predictor_weights else default_weights(args.predictor)
         if not weights.is_file():
             parser.error(f"argument --predictor-weights: {weights} does not exist (see docs/PREDICTORS.md)")
+    if args.record_prompts and args.record_lengths is None:
+        parser.error("argument --record-prompts: only with --record-lengths PATH")
+    if args.record_lengths is not None and not args.record_lengths.parent.is_dir():
+        parser.error(f"argument --record-lengths: {args.record_lengths.parent} is not a directory")
     settings = EngineSettings(
         model=args.model, dtype=args.dtype, policy=args.policy, policy_params=policy_params,
         predictor=args.predictor if policy.needs_prediction else None,
@@ -315,7 +324,7 @@ def cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     )
     try:
         serve(settings, args.host, args.port, args.api_key, args.max_queued, args.served_model_name,
-              args.shutdown_timeout)
+              args.shutdown_timeout, args.record_lengths, args.record_prompts)
     except (ModelNotFoundError, ValueError) as exc:
         parser.error(f"argument --model: {exc}")
     except ModelLoadError as exc:

@@ -15,7 +15,7 @@ LEARNED_NAMES = ("ranker", "classifier", "regressor", "probe")
 
 
 def _factory(name: str):
-    def build(labels: str, weights: str | Path | None) -> Predictor:
+    def build(labels: str | None, weights: str | Path | None) -> Predictor:
         from rankserve.learn.predictors import make_learned_predictor  # torch, on first use only
 
         return make_learned_predictor(name, labels, weights)
