@@ -117,9 +117,8 @@ def build_app(config: ServerConfig, tokenizer: TextTokenizer | None, engine: Asy
     app = FastAPI(title="rankserve", version="0.1.0")
     app.state.tokenizer = tokenizer
     app.state.engine = engine
-        records = app.state.recorder.stats if app.state.recorder is not None else None
-        body = (metrics.render(engine.loop.core.scheduler, engine.loop.stats, app.state.kernels, records)
-                if engine is not None else metrics.render(None))
+    app.state.kernels = kernels or {}
+    app.state.recorder = None  # a LengthRecorder with --record-lengths (its counters go to /metrics)
     app.state.draining = False  # set on shutdown: refuse new requests, let the others finish
     app.state.in_flight = 0  # HTTP requests not answered in full (a stream: until its last event)
     app.add_middleware(_CountInFlight, state=app.state)
