@@ -186,7 +186,8 @@ async def drive(url: str, n: int, concurrency: int, max_tokens: int, seed: int, 
 
 def server_flags(args: argparse.Namespace) -> list[str]:
     return ["--policy", args.policy, "--dtype", args.dtype, "--max-num-seqs", str(args.max_num_seqs),
-            "--kv-cache-gb", "0.1", "--swap-space-gb", "0.1", "--max-model-len", "512"]
+            "--kv-cache-gb", "0.1", "--swap-space-gb", "0.1", "--max-model-len", "512",
+            *(["--model", args.model] if args.model else [])]
 
 
 def main() -> None:
@@ -198,6 +199,9 @@ def main() -> None:
     ap.add_argument("--policy", default="fcfs")
     ap.add_argument("--dtype", default="float32", choices=["bfloat16", "float32"])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--model", default=None,
+                    help="model directory for the server (default: the embedded SmolLM2); a tiny random model "
+                         "with SmolLM2's tokenizer soaks the server's own machinery in minutes")
     ap.add_argument("--json", type=Path, default=Path("out/soak.json"))
     args = ap.parse_args()
 

@@ -33,11 +33,12 @@ import rankserve.learn  # noqa: F401 - registers the learned predictors by name
 from rankserve.engine.build import EngineSettings, load_engine
 from rankserve.predict import make_predictor
 from rankserve.route.body import SCORE_MODES
+from rankserve.route.load import ScoreLengths
 from rankserve.route.policies import ROUTER_NAMES
-from rankserve.route.proxy import prepare_request
+from rankserve.route.proxy import learn_length, prepare_request
 from rankserve.route.ray_router import PolicyRequestRouter, route_fields
 from rankserve.route.scoring import PromptScorer, choose_predictor
-from rankserve.route.sse import output_tokens
+from rankserve.route.sse import completion_tokens, output_tokens
 
 MAX_ONGOING = 1024  # Serve's default (5) would queue at the handle what the engine should schedule
 
@@ -133,9 +134,12 @@ class OpenAIIngress:
         self.engine = engine
         self.mode = mode
         self.scorer = PromptScorer(make_predictor(predictor) if predictor else None, token_counter(tokenizer))
+        # A ranker's scores become lengths as in ``rankserve route`` (this process also runs Serve's
+        # router for the engine handle, which reads them from each request's route fields).
+        self.lengths = ScoreLengths()
 
     async def _forward(self, http: HTTPRequest, path: str, chat: bool) -> Response:
-        prepared = await prepare_request(await http.body(), chat, self.scorer, self.mode)
+        prepared = await prepare_request(await http.body(), chat, self.scorer, self.mode, lengths=self.lengths)
         if isinstance(prepared, Response):
             return prepared
         request = {"path": path, "payload": prepared.payload, "route": route_fields(uuid.uuid4().hex, prepared.route)}
@@ -144,12 +148,17 @@ class OpenAIIngress:
         headers = {"x-rankserve-replica": head["replica"]}
         if not (prepared.stream and head["status"] == 200):
             body = b"".join([c["body"] async for c in chunks])
+            if head["status"] == 200:
+                learn_length(self.lengths, prepared.length_score, completion_tokens(body))
             return Response(body, status_code=head["status"], media_type=head["content_type"], headers=headers)
 
         async def relay() -> AsyncIterator[bytes]:
+            tokens = 0
             try:
                 async for chunk in chunks:
+                    tokens += output_tokens(chunk["body"])
                     yield chunk["body"]
+                learn_length(self.lengths, prepared.length_score, tokens)  # only a complete stream's length
             finally:
                 chunks.cancel()  # the client left: the replica's app sees the disconnect
 
