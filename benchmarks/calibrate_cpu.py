@@ -32,7 +32,7 @@ from rankserve.sim.cost_model import LinearCostModel, cpu_smollm2_135m
 from rankserve.sim.simulator import build_requests, simulate
 
 FEATURES = ("base_s", "prefill_s_per_token", "decode_s_per_token", "kv_s_per_token", "attn_s_per_pair", "seq_s")
-SETTINGS = EngineSettings(dtype="bfloat16", max_num_seqs=16, max_num_batched_tokens=512)
+SETTINGS = EngineSettings(dtype="bfloat16", policy="fcfs", max_num_seqs=16, max_num_batched_tokens=512)
 
 
 def trace(n: int, rate: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

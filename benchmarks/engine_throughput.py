@@ -59,13 +59,13 @@ def run_rankserve(args: argparse.Namespace, prompts: list[list[int]]) -> dict:
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
     batch = len(prompts)
     t_load = time.perf_counter()
-    settings = EngineSettings(model=args.model, dtype=args.dtype, max_num_seqs=batch,
+    settings = EngineSettings(model=args.model, dtype=args.dtype, policy="fcfs", max_num_seqs=batch,
                               max_num_batched_tokens=args.max_num_batched_tokens,
                               kv_cache_gb=args.kv_cache_gb, swap_space_gb=0.0)
     _files, engine, _max_len = build_core(settings)  # chooses the kernels (RANKSERVE_KERNELS, cache, timing)
     scheduler, clock = engine.scheduler, engine.scheduler.clock
     device_blocks = scheduler.blocks.device.num_blocks
-    per_block = engine.executor.model.cfg.kv_bytes_per_token(dtype) * settings.block_size
+    per_block = engine.executor.model.cfg.kv_bytes_per_token(dtype.itemsize) * settings.block_size
     load_s = time.perf_counter() - t_load
 
     def submit(token_lists: list[list[int]], max_tokens: int) -> list:

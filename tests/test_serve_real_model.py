@@ -9,6 +9,7 @@ import pytest
 from helpers import serve_on_loopback, wait_until
 
 import rankserve.learn  # noqa: F401 - registers the learned predictors (ranker, probe) by name
+from rankserve.core import RequestStatus
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("torch")
@@ -89,10 +90,14 @@ def test_seeded_sampling_repeats_and_errors_are_typed(server):
 
 
 def test_the_ranker_scores_every_request(server):
+    """The module's server has served other tests: count this test's requests only."""
     client, loaded = server
-    client.completions.create(model="smollm2-135m-instruct", prompt="Say hi.", max_tokens=2)
-    report = loaded.engine.loop.core.predictor.report()
-    assert report["predictor"] == "ranker" and report["prompts_scored"] >= 1
+    predictor = loaded.engine.loop.core.predictor
+    before = predictor.report()["prompts_scored"]
+    for prompt in ("Say hi.", "Name a colour."):
+        client.completions.create(model="smollm2-135m-instruct", prompt=prompt, max_tokens=2)
+    report = predictor.report()
+    assert report["predictor"] == "ranker" and report["prompts_scored"] == before + 2
 
 
 def test_finished_requests_are_recorded_for_fine_tuning(server, records_path):
@@ -116,9 +121,12 @@ def test_finished_requests_are_recorded_for_fine_tuning(server, records_path):
     assert (records.spec.bottom_layers, records.spec.max_length) == (3, 256)  # the serving ranker-reference's
 
 
-def test_disconnect_mid_stream_frees_blocks(server):
+def test_disconnect_mid_stream_aborts_and_frees_blocks(server, monkeypatch):
     client, loaded = server
     scheduler = loaded.engine.loop.core.scheduler
+    seen = []
+    generate = loaded.engine.generate
+    monkeypatch.setattr(loaded.engine, "generate", lambda req, **kw: seen.append(req) or generate(req, **kw))
     stream = client.completions.create(model="smollm2-135m-instruct", prompt="Tell me a very long story.",
                                        max_tokens=400, stream=True, extra_body={"ignore_eos": True})
     got = 0
@@ -129,6 +137,9 @@ def test_disconnect_mid_stream_frees_blocks(server):
             break
     stream.close()  # the client goes away mid-stream
     assert wait_until(lambda: not scheduler.has_work, timeout_s=20)
+    (req,) = seen
+    assert req.status is RequestStatus.ABORTED and req.abort_reason == "client disconnected"
+    assert req.num_output_tokens < 400
     scheduler.blocks.check_invariants(scheduler.live_requests())
     assert scheduler.blocks.num_free_device_blocks == scheduler.blocks.device.num_blocks
 

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from rankserve.cli.flags import checked, non_negative, positive_int
+from rankserve.learn import TEXT_MODEL_KINDS
 from rankserve.learn.datasets import SERVED_LABELS as DEFAULT_LABELS
 from rankserve.learn.labels import LabelConfig
 
@@ -55,7 +56,7 @@ def add_train_commands(sub) -> None:
 
     m, t = TextModelConfig(), TrainConfig()
     tr = sub.add_parser("train", help="train a prompt-side length predictor (MiniLM backbone)")
-    tr.add_argument("kind", choices=("ranker", "classifier", "regressor"))
+    tr.add_argument("kind", choices=TEXT_MODEL_KINDS)
     tr.add_argument("--labels", default="served", help="served, reference, or a label CSV from rankserve label")
     tr.add_argument("--from-records", type=Path, default=None, metavar="PATH",
                     help="ranker only: fine-tune --base on served traffic recorded by `rankserve serve "

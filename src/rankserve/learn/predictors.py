@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from rankserve.core.request import Request
-from rankserve.learn import LEARNED_NAMES
+from rankserve.learn import LEARNED_NAMES, TEXT_MODEL_KINDS
 from rankserve.learn.text_model import TextLengthModel, inference_dtype, torch_threads
 from rankserve.predict.base import Predictor
 
@@ -175,7 +175,7 @@ class ProbePredictor(Predictor):
 def make_learned_predictor(name: str, labels: str | None = None, weights: str | Path | None = None) -> Predictor:
     """``ranker`` / ``classifier`` / ``regressor`` from their shipped (or given) weights; ``probe``
     refines the classifier's lengths."""
-    if name in ("ranker", "classifier", "regressor"):
+    if name in TEXT_MODEL_KINDS:
         return TextModelPredictor(weights or _require(default_weights(name, labels)))
     if name == "probe":
         prompt_side = TextModelPredictor(_require(default_weights("classifier", labels)))  # served only

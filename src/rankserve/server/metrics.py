@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from rankserve.core.metrics import e2e, ttft
 from rankserve.core.request import Request, RequestStatus
 from rankserve.core.scheduler import Scheduler
 from rankserve.engine.loop import EngineStats
@@ -94,8 +95,8 @@ class ServerMetrics:
         self.preemptions.labels(**label).inc(req.num_preemptions)
         if req.status is not RequestStatus.FINISHED or req.first_token_time is None:
             return
-        self.ttft.labels(**label).observe(req.first_token_time - req.arrival_time)
-        self.e2e.labels(**label).observe(req.finished_time - req.arrival_time)
+        self.ttft.labels(**label).observe(ttft(req))
+        self.e2e.labels(**label).observe(e2e(req))
         if req.first_scheduled_time is not None:
             self.queue.labels(**label).observe(req.first_scheduled_time - req.arrival_time)
         itl = self.itl.labels(**label)

@@ -198,7 +198,7 @@ def build_serve_app(replicas: int = 2, router: str = "sal", predictor: str = "au
         ray_actor_options={"num_cpus": num_cpus})
     ingress = serve.deployment(OpenAIIngress).options(max_ongoing_requests=MAX_ONGOING,
                                                       ray_actor_options={"num_cpus": 0})
-    settings = settings or EngineSettings(policy="ltr", predictor="ranker")  # rankserve serve's defaults
+    settings = settings or EngineSettings()  # rankserve serve's defaults
     return ingress.bind(engine.bind(settings), choose_predictor(predictor, router, mode), mode, tokenizer)
 
 
