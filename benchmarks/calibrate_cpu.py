@@ -28,7 +28,7 @@ from rankserve.sim.cost_model import get_cost_model
 from rankserve.sim.machine import cpu_model
 from rankserve.sim.simulator import build_requests, simulate
 
-SETTINGS = EngineSettings(dtype="bfloat16", max_num_seqs=16, max_num_batched_tokens=512)
+SETTINGS = EngineSettings(dtype="bfloat16", policy="fcfs", max_num_seqs=16, max_num_batched_tokens=512)
 KEYS = ("mean_latency_s", "p90_latency_s", "mean_ttft_s", "mean_latency_per_token_s", "throughput_rps")
 
 

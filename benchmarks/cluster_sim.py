@@ -2,6 +2,7 @@
 
     python benchmarks/cluster_sim.py [--replicas 8] [--hardware a100-llama3-8b] [--num-requests 20000]
         [--loads 0.7,0.85,0.95] [--systems fcfs ltr+ranker] [--routers ...] [--router-arg K=V ...]
+        [--workload sharegpt:test] [--prompt-len 32] [--arrival poisson] [--max-num-seqs 256]
         [--capacity RPS] [--workers 2] [--out out/cluster_sim] [--scores FILE | --write-scores FILE]
 
 1. Capacity: FCFS behind round-robin, Poisson arrivals at twice the cluster's nominal rate
@@ -92,9 +93,10 @@ def measure_capacity(base: SimSpec) -> dict[str, float]:
 
 
 def _nominal_overload(base: SimSpec) -> float:
-    """Twice a rough capacity (ShareGPT's ~300 output tokens at the replicas' decode rate at batch 256)."""
-    shape = StepShape.decode(256, 600).astuple()
-    tokens_per_s = sum(256 / get_cost_model(h).step_time(*shape) for h in parse_hardware_list(base.hardware, base.replicas))
+    """Twice a rough capacity (ShareGPT's ~300 output tokens at the replicas' decode rate at a full batch)."""
+    batch = min(base.max_num_seqs, 256)
+    shape = StepShape.decode(batch, 600).astuple()
+    tokens_per_s = sum(batch / get_cost_model(h).step_time(*shape) for h in parse_hardware_list(base.hardware, base.replicas))
     return 2.0 * tokens_per_s / 300.0
 
 
@@ -133,7 +135,10 @@ def table(records: list[dict[str, Any]], capacity: float) -> str:
     systems = list(dict.fromkeys(r["engine_system"] for r in records))
     routers = list(dict.fromkeys(r["router"] for r in records))
     by = {(r["load"], r["engine_system"], r["router"]): r["summary"] for r in records}
-    lines = [f"FCFS capacity {capacity:.1f} req/s. Cells: p99 latency (s) / mean latency per token (ms).", "",
+    by_imbalance = {(r["load"], r["engine_system"], r["router"]): r["cluster"]["imbalance"]["busy_max_over_mean"]
+                    for r in records}
+    lines = [f"FCFS capacity {capacity:.1f} req/s. Cells: p99 latency (s) / mean latency per token (ms) / "
+             "imbalance (busy time, max over mean of the replicas).", "",
              "| load | system | " + " | ".join(routers) + " |", "|---|---|" + "---|" * len(routers)]
     best_lpt = {load: min(by[k]["mean_latency_per_token_s"] for k in by if k[0] == load) for load in loads}
     for load in loads:
@@ -144,7 +149,8 @@ def table(records: list[dict[str, Any]], capacity: float) -> str:
                 if s is None:
                     cells.append("-")
                     continue
-                cell = f"{s['p99_latency_s']:.2f} / {s['mean_latency_per_token_s'] * 1e3:.2f}"
+                busy = by_imbalance[(load, system, router)]
+                cell = f"{s['p99_latency_s']:.2f} / {s['mean_latency_per_token_s'] * 1e3:.2f} / {busy:.3f}"
                 if s["mean_latency_per_token_s"] == best_lpt[load]:
                     cell = f"**{cell}**"
                 cells.append(cell)
@@ -187,6 +193,9 @@ def main() -> None:
     parser.add_argument("--hardware", default="a100-llama3-8b")
     parser.add_argument("--num-requests", type=int, default=20_000)
     parser.add_argument("--workload", default="sharegpt:test")
+    parser.add_argument("--prompt-len", type=int, default=32, help="prompt tokens of a synthetic workload")
+    parser.add_argument("--arrival", default="poisson", help="poisson, gamma:CV, ... (as rankserve simulate)")
+    parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--loads", default="0.7,0.85,0.95")
     parser.add_argument("--systems", nargs="+", default=["fcfs", "ltr+ranker"])
     parser.add_argument("--routers", nargs="+", default=list(ROUTER_NAMES),
@@ -207,11 +216,15 @@ def main() -> None:
         _score_table.update(json.loads(args.scores.read_text()))
 
     base = SimSpec(workload=args.workload, num_requests=args.num_requests, hardware=args.hardware,
-                   replicas=args.replicas, predictor=args.predictor, seed=args.seed,
+                   replicas=args.replicas, predictor=args.predictor, seed=args.seed, arrival=args.arrival,
+                   prompt_len=args.prompt_len,
+                   max_num_seqs=args.max_num_seqs,
                    router_params=parse_params(",".join(args.router_arg)))
     result: dict[str, Any] = {"date": date.today().isoformat(), "cpu": cpu_model(), "cores": os.cpu_count(),
                               "python": platform.python_version(), "hardware": args.hardware,
-                              "replicas": args.replicas, "num_requests": args.num_requests, "workload": args.workload}
+                              "replicas": args.replicas, "num_requests": args.num_requests, "workload": args.workload,
+                              "arrival": args.arrival, "max_num_seqs": args.max_num_seqs,
+                              "prompt_len": args.prompt_len}
     if args.capacity is None:
         result["capacity"] = measure_capacity(base)
         capacity = result["capacity"]["capacity_rps"]

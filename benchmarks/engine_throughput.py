@@ -1,6 +1,7 @@
 """Offline engine throughput: rankserve's EngineCore vs vLLM-CPU on the same prompts and weights.
 
     python benchmarks/engine_throughput.py [--batches 1,16,64] [--vllm-python /work/vllm-venv/bin/python]
+                                           [--kernels "gemm=fp32>=32,attention=flash" auto]
                                            [--json out/engine_throughput.json]
 
 For each batch size B: B requests of 128 random prompt tokens, 128 output tokens (max_tokens=128,
@@ -10,6 +11,10 @@ ids (bf16, enforce_eager, max_num_seqs=B). Output tok/s covers the whole run, pr
 loading and one short warm-up request are not timed. Every (system, batch) runs in a fresh subprocess,
 so ``ru_maxrss`` is that run's own peak RSS. At batch >= --profile-batch the rankserve worker also
 profiles one decode step (torch.profiler and cProfile) after the timed run.
+
+``--kernels`` runs rankserve once per kernel spec (``RANKSERVE_KERNELS``'s syntax; ``auto``: the
+paths chosen by measurement on this machine), side by side in the same run; ratios are to the first,
+the profile shown is the last's.
 
 The vLLM worker is this same file run by the other venv's python (``--worker vllm``); it imports
 nothing from rankserve.
@@ -54,13 +59,13 @@ def run_rankserve(args: argparse.Namespace, prompts: list[list[int]]) -> dict:
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
     batch = len(prompts)
     t_load = time.perf_counter()
-    settings = EngineSettings(model=args.model, dtype=args.dtype, max_num_seqs=batch,
+    settings = EngineSettings(model=args.model, dtype=args.dtype, policy="fcfs", max_num_seqs=batch,
                               max_num_batched_tokens=args.max_num_batched_tokens,
                               kv_cache_gb=args.kv_cache_gb, swap_space_gb=0.0)
-    _files, engine, _max_len = build_core(settings)
+    _files, engine, _max_len = build_core(settings)  # chooses the kernels (RANKSERVE_KERNELS, cache, timing)
     scheduler, clock = engine.scheduler, engine.scheduler.clock
     device_blocks = scheduler.blocks.device.num_blocks
-    per_block = engine.executor.model.cfg.kv_bytes_per_token(dtype) * settings.block_size
+    per_block = engine.executor.model.cfg.kv_bytes_per_token(dtype.itemsize) * settings.block_size
     load_s = time.perf_counter() - t_load
 
     def submit(token_lists: list[list[int]], max_tokens: int) -> list:
@@ -117,6 +122,7 @@ def run_rankserve(args: argparse.Namespace, prompts: list[list[int]]) -> dict:
         "load_s": load_s,
         "threads": torch.get_num_threads(),
         "dtype": args.dtype,
+        "kernels": engine.executor.model.kernels.labels(),
     }
     if batch >= args.profile_batch and not args.no_profile:
         res["profile"] = profile_decode_step(engine, scheduler, submit, prompts, args)
@@ -253,9 +259,12 @@ def run_vllm(args: argparse.Namespace, prompts: list[list[int]]) -> dict:
 
 # ---- driver ------------------------------------------------------------------------------------
 def spawn(python: str, worker: str, batch: int, args: argparse.Namespace, prompts_file: Path,
-          model_path: str, timeout: float) -> dict:
+          model_path: str, timeout: float, kernels: str = "auto") -> dict:
     env = dict(os.environ)
     env["OMP_NUM_THREADS"] = str(args.threads)
+    env.pop("RANKSERVE_KERNELS", None)
+    if kernels != "auto":
+        env["RANKSERVE_KERNELS"] = kernels
     if worker == "vllm":
         env.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE=str(args.vllm_kv_gb))
         env.pop("PYTHONPATH", None)
@@ -287,6 +296,18 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def isa_flags() -> str:
+    """The vector and matrix flags of ``lscpu`` (avx*, amx*, fma): the ones that pick kernels."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+    except OSError:
+        return "unknown"
+    for line in out.splitlines():
+        if line.startswith("Flags:"):
+            return " ".join(f for f in line.split()[1:] if f.startswith(("avx", "amx", "fma")))
+    return "unknown"
+
+
 def fmt(v, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
@@ -307,6 +328,8 @@ def main() -> None:
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=1200.0, help="per-worker timeout (s)")
+    ap.add_argument("--kernels", nargs="+", default=["auto"],
+                    help="rankserve kernel specs to run side by side (RANKSERVE_KERNELS syntax, or auto)")
     ap.add_argument("--json", default=None)
     # worker-only
     ap.add_argument("--worker", choices=["rankserve", "vllm"], default=None, help=argparse.SUPPRESS)
@@ -338,14 +361,22 @@ def main() -> None:
     elif not Path(args.vllm_python).exists():
         vllm_note = f"vLLM not run: {args.vllm_python} does not exist"
 
+    from rankserve.model.kernels import parse_forced
+
+    for spec in args.kernels:
+        if spec != "auto":
+            parse_forced(spec)  # a bad spec fails here, not in every worker
     rows = []
     for b in batches:
-        print(f"batch {b}: rankserve ...", file=sys.stderr, flush=True)
-        rs = spawn(sys.executable, "rankserve", b, args, prompts_file, model_path, args.timeout)
-        if "error" in rs:
-            print(f"  rankserve failed: {rs['error']}", file=sys.stderr)
-        else:
-            print(f"  {rs['tok_s']:.1f} tok/s, decode step {rs['decode_step_ms_mean']:.1f} ms", file=sys.stderr)
+        runs = {}
+        for spec in args.kernels:
+            print(f"batch {b}: rankserve [{spec}] ...", file=sys.stderr, flush=True)
+            rs = runs[spec] = spawn(sys.executable, "rankserve", b, args, prompts_file, model_path, args.timeout, spec)
+            if "error" in rs:
+                print(f"  rankserve failed: {rs['error']}", file=sys.stderr)
+            else:
+                print(f"  {rs['tok_s']:.1f} tok/s, decode step {rs['decode_step_ms_mean']:.1f} ms, "
+                      f"kernels {rs['kernels']}", file=sys.stderr)
         vl = None
         if vllm_note is None:
             print(f"batch {b}: vLLM ...", file=sys.stderr, flush=True)
@@ -354,28 +385,37 @@ def main() -> None:
                 print(f"  vLLM failed: {vl['error']}", file=sys.stderr)
             else:
                 print(f"  {vl['tok_s']:.1f} tok/s", file=sys.stderr)
-        rows.append({"batch": b, "rankserve": rs, "vllm": vl})
+        rows.append({"batch": b, "rankserve": runs[args.kernels[-1]], "rankserve_by_kernels": runs, "vllm": vl})
 
     print(f"\nEngine throughput: {args.prompt_len} prompt + {args.output_len} output tokens per request, "
-          f"{args.dtype}, {args.threads} threads, {cpu_model()}")
-    hdr = (f"{'batch':>5} | {'rankserve tok/s':>15} | {'vLLM tok/s':>10} | {'ratio':>6} | "
-           f"{'rankserve RSS MiB':>17} | {'vLLM RSS MiB':>12} | {'rs decode ms/step':>17}")
+          f"{args.dtype}, {args.threads} threads, {cpu_model()} (flags: {isa_flags()})")
+    for spec in args.kernels:
+        chosen = next((r["rankserve_by_kernels"][spec]["kernels"] for r in rows
+                       if "kernels" in r["rankserve_by_kernels"][spec]), None)
+        print(f"  [{spec}]: {chosen}")
+    first = args.kernels[0]
+    cols = [f"[{k}] tok/s" for k in args.kernels] + [f"[{k}]/[{first}]" for k in args.kernels[1:]]
+    hdr = " | ".join([f"{'batch':>5}", *cols, "vLLM tok/s", "best / vLLM", "best RSS MiB", "vLLM RSS MiB",
+                      "best decode ms/step"])
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
-        rs, vl = r["rankserve"], r["vllm"] or {}
-        rs_t, vl_t = rs.get("tok_s"), vl.get("tok_s")
-        ratio = rs_t / vl_t if rs_t and vl_t else None
-        r["ratio"] = ratio
-        print(f"{r['batch']:>5} | {fmt(rs_t, '15.1f')} | {fmt(vl_t, '10.1f')} | {fmt(ratio, '6.2f')} | "
-              f"{fmt(rs.get('peak_rss_mib'), '17.0f')} | {fmt(vl.get('peak_rss_mib'), '12.0f')} | "
-              f"{fmt(rs.get('decode_step_ms_mean'), '17.1f')}")
+        runs, vl = r["rankserve_by_kernels"], r["vllm"] or {}
+        toks = [runs[k].get("tok_s") for k in args.kernels]
+        best = max((runs[k] for k in args.kernels if runs[k].get("tok_s")), key=lambda x: x["tok_s"], default={})
+        vl_t = vl.get("tok_s")
+        r["ratio"] = best["tok_s"] / vl_t if best and vl_t else None
+        ratios = [t / toks[0] if t and toks[0] else None for t in toks[1:]]
+        cells = [f"{r['batch']:>5}", *(fmt(t, ".1f") for t in toks), *(fmt(x, ".2f") for x in ratios),
+                 fmt(vl_t, ".1f"), fmt(r["ratio"], ".2f"), fmt(best.get("peak_rss_mib"), ".0f"),
+                 fmt(vl.get("peak_rss_mib"), ".0f"), fmt(best.get("decode_step_ms_mean"), ".1f")]
+        print(" | ".join(cells))
     if vllm_note:
         print(vllm_note)
     for r in rows:
-        for sysname in ("rankserve", "vllm"):
-            if r[sysname] and "error" in r[sysname]:
-                print(f"{sysname} at batch {r['batch']} failed: {r[sysname]['error']}")
+        for name, res in [*r["rankserve_by_kernels"].items(), ("vllm", r["vllm"])]:
+            if res and "error" in res:
+                print(f"{name} at batch {r['batch']} failed: {res['error']}")
     for r in rows:
         prof = r["rankserve"].get("profile")
         if not prof:
@@ -394,12 +434,13 @@ def main() -> None:
     if args.json:
         doc = {
             "date": date.today().isoformat(),
-            "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version()},
+            "machine": {"cpu": cpu_model(), "isa_flags": isa_flags(), "cores": os.cpu_count(),
+                        "python": platform.python_version()},
             "settings": {
                 "prompt_len": args.prompt_len, "output_len": args.output_len, "dtype": args.dtype,
                 "threads": args.threads, "max_num_batched_tokens": args.max_num_batched_tokens,
                 "rankserve_kv_cache_gb": args.kv_cache_gb, "vllm_kv_cache_gb": args.vllm_kv_gb,
-                "model_path": model_path, "seed": args.seed,
+                "model_path": model_path, "seed": args.seed, "kernels": args.kernels,
             },
             "vllm_note": vllm_note,
             "rows": rows,

@@ -30,12 +30,6 @@ from rankserve.sim.cost_model import GPU_SPECS, ModelSpec, RooflineCostModel, St
 BLOCK = 16
 
 
-def model_spec(cfg: LlamaConfig) -> ModelSpec:
-    return ModelSpec(name="config", n_layers=cfg.num_layers, hidden=cfg.hidden_size, n_heads=cfg.num_heads,
-                     n_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, intermediate=cfg.intermediate_size,
-                     vocab=cfg.vocab_size, tied_embeddings=cfg.tie_word_embeddings)
-
-
 def time_step(model, seqs: list[SeqInput], cache: torch.Tensor, repeats: int) -> float:
     for _ in range(2):
         model.forward(seqs, cache)
@@ -67,7 +61,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = random_model(args.random_config, torch.bfloat16, args.device)
     cfg = LlamaConfig.from_hf(json.loads(Path(args.random_config).read_text()))
-    roofline = RooflineCostModel(model_spec(cfg), GPU_SPECS[args.gpu])
+    roofline = RooflineCostModel(ModelSpec.of("config", cfg), GPU_SPECS[args.gpu])
     blocks_per_seq = max(contexts + prefills) // BLOCK + 2
     pool_blocks = max(batches) * (max(contexts) // BLOCK + 2) + blocks_per_seq
     cache = model.allocate_kv_cache(pool_blocks, BLOCK)

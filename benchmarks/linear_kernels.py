@@ -1,7 +1,7 @@
 """GFLOP/s of the CPU linear kernels the engine can use, on the embedded SmolLM2's layer shapes:
 oneDNN with bf16 weights against oneDNN with fp32 weights (both prepacked, as ``_Linear`` keeps
-them), by rows per call. Where fp32 wins from some row count up, a bf16 model's fp32 copies pay
-(``rankserve.model.llama.FP32_GEMM_MIN_ROWS``).
+them), by rows per call. Where fp32 wins from some row count up, a bf16 model's fp32 copies pay (the
+engine times the same comparison on first use and picks the row count: ``rankserve.model.kernels``).
 
     python benchmarks/linear_kernels.py [--rows 1,8,16,32,64,256]
 

@@ -129,8 +129,12 @@ def test_server_preemptions_reads_the_vllm_counter(monkeypatch):
                                'vllm:num_preemptions_created{model_name="a"} 1.7e9\n'),
         "http://h:2/metrics": "# HELP vllm:num_preemptions Requests taken out\n# TYPE vllm:num_preemptions counter\n",
         "http://h:3/metrics": "process_cpu_seconds_total 1.0\n",
+        # A sample with a timestamp, and a label value holding a space: the exposition format allows both.
+        "http://h:4/metrics": ('# TYPE vllm:num_preemptions counter\n'
+                               'vllm:num_preemptions_total{model_name="a b"} 5.0 1700000000000\n'),
     }
     monkeypatch.setattr(httpx, "get", lambda url, **kw: httpx.Response(200, text=pages[url]))
     assert server_preemptions("http://h:1/v1") == 7
     assert server_preemptions("http://h:2/v1/") == 0  # declared, no sample yet
     assert server_preemptions("http://h:3/v1") is None  # a server without the metric
+    assert server_preemptions("http://h:4/v1") == 5

@@ -88,6 +88,30 @@ def test_sal_sends_more_work_to_the_faster_replica():
     assert [r["requests"] for r in rr["cluster"]["replicas"]] == [400, 400]
 
 
+def test_per_replica_report_shows_batches_queues_and_kv():
+    # max_num_seqs 4 binds: requests wait in the replicas' queues; with 256 they never do
+    spec = SimSpec(policy="fcfs", predictor=None, rate=60, num_requests=300, replicas=2, router="round-robin",
+                   max_num_seqs=4)
+    tight = run_spec(spec)[0]["cluster"]["replicas"]
+    loose = run_spec(replace(spec, max_num_seqs=256))[0]["cluster"]["replicas"]
+    for r in tight:
+        assert r["max_batch"] == 4 and 1 <= r["mean_batch"] <= 4
+        assert r["queued_time_fraction"] > 0.5 and r["max_queued"] > 0
+        assert 0 < r["peak_kv_usage"] <= 1
+    for r in loose:
+        assert r["queued_time_fraction"] == 0 and r["max_queued"] == 0 and r["max_batch"] > 4
+
+
+def test_sal_by_latency_runs_on_a_mixed_cluster_and_favours_the_faster_replica():
+    spec = SimSpec(policy="fcfs", predictor="oracle", rate=40, num_requests=400,
+                   hardware="a100-llama3-8b x1,a100-80gb-llama3-8b x1", replicas=2, router="sal",
+                   router_params={"estimate": "latency"})
+    record, result = run_spec(spec)
+    assert all(r.status is RequestStatus.FINISHED for r in result.requests)
+    tokens = [r["output_tokens"] for r in record["cluster"]["replicas"]]
+    assert tokens[1] > tokens[0]  # the 80GB part decodes faster at any batch
+
+
 def test_parse_hardware_list():
     assert parse_hardware_list("a100-llama3-8b", 3) == ["a100-llama3-8b"] * 3
     assert parse_hardware_list("a100-llama3-8b x2,constant:5:0.1 x1") == ["a100-llama3-8b"] * 2 + ["constant:5:0.1"]
@@ -131,6 +155,7 @@ def test_sweep_runs_every_router(tmp_path):
     (["simulate", "--replicas", "2", "--router", "least-latency"], "--router"),
     (["simulate", "--replicas", "2", "--router-arg", "memory_awareness=false"], "--router-arg"),
     (["simulate", "--replicas", "2", "--router-arg", "prefill_weight=-1"], "--router-arg"),
+    (["simulate", "--replicas", "2", "--router", "sal", "--router-arg", "estimate=guess"], "--router-arg"),
     (["simulate", "--hardware", "a100-llama3-8b x2,tpu x2"], "--hardware"),
     (["sweep", "--replicas", "2", "--routers", "fastest"], "--routers"),
 ])

@@ -15,6 +15,7 @@ from rankserve.sim.cost_model import (
     ConstantCostModel,
     CostModel,
     LinearCostModel,
+    ModelSpec,
     RooflineCostModel,
     StepShape,
     get_cost_model,
@@ -153,6 +154,20 @@ def test_llama3_parameter_counts_and_kv_bytes() -> None:
     assert LLAMA3_8B.kv_bytes_per_token == 128 * 1024
     assert LLAMA3_70B.kv_bytes_per_token == 320 * 1024
     assert SMOLLM2_135M.kv_bytes_per_token == 23_040
+
+
+def test_the_smollm2_preset_is_the_embedded_models_shape() -> None:
+    """The simulator's SmolLM2 spec and the model the engine serves have one shape (and so one KV
+    size per token): the spec built from the model's own config.json equals the preset."""
+    pytest.importorskip("torch")
+    from rankserve.model.llama import LlamaConfig
+    from rankserve.model.loader import ModelNotFoundError, load_model_dir
+
+    try:
+        shape = LlamaConfig.from_hf(load_model_dir(None).config)
+    except ModelNotFoundError as exc:
+        pytest.skip(str(exc))
+    assert ModelSpec.of("SmolLM2-135M", shape) == SMOLLM2_135M
 
 
 def test_a100_8b_decode_batch_one_is_weights_over_bandwidth() -> None:

@@ -79,14 +79,16 @@ def test_streams_every_token_once_and_finishes():
     assert pool.num_free_device_blocks == 64
 
 
-def test_stop_token_after_min_tokens():
+def test_a_stop_token_counts_only_from_min_tokens_on():
+    """The executor samples 1, 2, 3, ...: stop token 2 comes before min_tokens=4 and is passed
+    over; stop token 6 comes after and ends the request."""
     engine, _, _ = make_engine()
     try:
-        outs = asyncio.run(collect(engine, request(40, stop_token_ids=(4,), min_tokens=2)))
+        outs = asyncio.run(collect(engine, request(40, stop_token_ids=(2, 6), min_tokens=4)))
     finally:
         engine.shutdown()
     tokens = [t for o in outs for t in o.new_token_ids]
-    assert tokens == [1, 2, 3, 4] and outs[-1].finish_reason is FinishReason.STOP
+    assert tokens == [1, 2, 3, 4, 5, 6] and outs[-1].finish_reason is FinishReason.STOP
 
 
 def test_ignore_eos_keeps_explicit_stop_token_ids():
@@ -224,6 +226,67 @@ def test_on_end_reports_every_ending():
         assert {r.request_id for r in ended} == {r.request_id for r in reqs}
     finally:
         engine.shutdown()
+
+
+def test_a_duplicate_request_id_is_refused_and_the_first_runs_on():
+    """A second request with the id of a live one ends at once, aborted with the reason; the
+    first keeps its stream and finishes."""
+    engine, _, pool = make_engine(delay_s=0.002)
+    first = request(20, ignore_eos=True)
+    twin = Request(list(range(5)), SamplingParams(max_tokens=20, ignore_eos=True), request_id=first.request_id)
+
+    async def main():
+        stream = engine.generate(first)
+        head = await anext(stream)  # the first is live in the engine
+        twin_outs = [out async for out in engine.generate(twin)]
+        return [head, *[out async for out in stream]], twin_outs
+
+    try:
+        first_outs, twin_outs = asyncio.run(asyncio.wait_for(main(), 10))  # a lost stream fails, not hangs
+    finally:
+        engine.shutdown()
+    assert [t for o in first_outs for t in o.new_token_ids] == [(i + 1) % 50 for i in range(20)]
+    assert first_outs[-1].finish_reason is FinishReason.LENGTH and first.status is RequestStatus.FINISHED
+    assert len(twin_outs) == 1 and twin_outs[0].finished and not twin_outs[0].new_token_ids
+    assert twin.status is RequestStatus.ABORTED and twin.abort_reason == f"duplicate request id {first.request_id!r}"
+    assert pool.num_free_device_blocks == 64
+
+
+def test_an_admission_that_raises_rejects_its_batch_and_the_engine_serves_on(caplog):
+    """Admission (scoring + queueing) raising is not a step failure: the batch being admitted ends
+    aborted ("rejected: ..."), nothing is left in the scheduler, and later requests are served."""
+    pool = BlockManager(64, 0, block_size=4)
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64), make_policy("fcfs"), pool,
+                          WallClock())
+    core = EngineCore(scheduler, CountingExecutor())
+    real_add = core.add_requests
+    broken = {"yes": True}
+
+    def add_requests(reqs):
+        if broken["yes"]:
+            raise MemoryError("no room for the batch")
+        return real_add(reqs)
+
+    core.add_requests = add_requests
+    loop = EngineLoop(core)
+    ended: list[Request] = []
+    batch = [request(5, ignore_eos=True) for _ in range(3)]
+    for req in batch:
+        loop.submit(req, lambda out: out.finished and ended.append(out.request))
+    loop.start()  # the first drain admits the three together
+    try:
+        assert wait_until(lambda: len(ended) == 3)
+        assert all(r.status is RequestStatus.ABORTED and r.abort_reason == "rejected: no room for the batch"
+                   for r in batch)
+        assert not scheduler.has_work and pool.num_free_device_blocks == 64
+        assert "admission failed" in caplog.text
+        broken["yes"] = False
+        later = request(5, ignore_eos=True)
+        loop.submit(later, lambda out: out.finished and ended.append(out.request))
+        assert wait_until(lambda: later.status.is_done)
+        assert later.finish_reason is FinishReason.LENGTH and later.num_output_tokens == 5
+    finally:
+        loop.stop()
 
 
 class FlakyRanker(Predictor):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import pytest
@@ -11,6 +12,8 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
 from rankserve.model.llama import (
+    DECODE_ATTENTION,
+    KernelChoice,
     LlamaConfig,
     LlamaModel,
     SeqInput,
@@ -25,6 +28,10 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 # runs the same checks on a GPU.
 DEVICE = os.environ.get("RANKSERVE_TEST_DEVICE", "cpu")
 BS = 4  # small blocks: every sequence spans many, so tables and offsets are exercised
+# The kernel paths this machine has: every decode attention kernel; for bf16 linears, the
+# model-dtype weights and (a oneDNN CPU with bf16) the fp32 copies at every row count.
+FP32_GEMM = DEVICE == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+GEMM_ROWS = [None, 1] if FP32_GEMM else [None]
 STEPS = 64
 
 
@@ -57,12 +64,27 @@ def _tiny(kind: str, path) -> None:
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2", "llama3"])
-def tiny(request, tmp_path_factory):
+def tiny_hf(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(request.param)
     _tiny(request.param, path)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return path, transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module", params=list(DECODE_ATTENTION))
+def tiny(request, tiny_hf):
+    """transformers' model and ours (fp32), ours on one decode attention kernel (for the tests
+    that decode)."""
+    path, hf = tiny_hf
     ours = LlamaModel.from_pretrained(path, dtype=torch.float32, device=DEVICE)
+    ours.use_kernels(KernelChoice(None, request.param, "forced"))
     return hf, ours
+
+
+@pytest.fixture(scope="module")
+def tiny_one(tiny_hf):
+    """transformers' model and ours on the default kernels (for the tests that only prefill)."""
+    path, hf = tiny_hf
+    return hf, LlamaModel.from_pretrained(path, dtype=torch.float32, device=DEVICE)
 
 
 def _prompts(n: int, seed: int = 1) -> list[list[int]]:
@@ -71,15 +93,22 @@ def _prompts(n: int, seed: int = 1) -> list[list[int]]:
     return [torch.randint(0, 128, (L,), generator=g).tolist() for L in lens]
 
 
-@torch.no_grad()
 def _hf_greedy(hf, prompt: list[int], steps: int) -> list[int]:
+    """transformers' greedy tokens (computed once per model, prompt and length: every kernel
+    path's tests compare against the same reference)."""
+    return list(_hf_greedy_once(hf, tuple(prompt), steps))
+
+
+@functools.cache
+@torch.no_grad()
+def _hf_greedy_once(hf, prompt: tuple[int, ...], steps: int) -> tuple[int, ...]:
     ids = list(prompt)
     out = []
     for _ in range(steps):  # no HF cache: the plainest reference there is
         tok = int(hf(torch.tensor([ids])).logits[0, -1].argmax())
         ids.append(tok)
         out.append(tok)
-    return out
+    return tuple(out)
 
 
 @torch.no_grad()
@@ -133,8 +162,8 @@ def _step(model, cache, blocks: Blocks, work: list[tuple[Seq, int]]) -> None:
 
 
 # ---- tiny random models against transformers ---------------------------------------------------
-def test_config_and_rope_match_transformers(tiny):
-    hf, ours = tiny
+def test_config_and_rope_match_transformers(tiny_one):
+    hf, ours = tiny_one
     assert ours.cfg.num_layers == 2 and ours.cfg.num_kv_heads == 2 and ours.cfg.head_dim == 16
     ref = hf.model.rotary_emb.inv_freq
     assert torch.allclose(rope_inv_freq(ours.cfg), ref.float(), rtol=1e-6)
@@ -142,8 +171,8 @@ def test_config_and_rope_match_transformers(tiny):
     assert ours.cfg.num_linear_params == linear
 
 
-def test_prefill_logits_match(tiny):
-    hf, ours = tiny
+def test_prefill_logits_match(tiny_one):
+    hf, ours = tiny_one
     prompt = _prompts(2)[1]
     cache = ours.allocate_kv_cache(32, BS)
     got = ours.forward([SeqInput(prompt, 0, list(range(10)))], cache).logits[0].cpu()
@@ -245,8 +274,8 @@ def test_greedy_after_recompute(tiny):
     assert s.generated[:STEPS] == ref
 
 
-def test_hidden_states_tap(tiny):
-    hf, ours = tiny
+def test_hidden_states_tap(tiny_one):
+    hf, ours = tiny_one
     p1, p2 = _prompts(2)
     cache = ours.allocate_kv_cache(32, BS)
     out = ours.forward(
@@ -261,22 +290,33 @@ def test_hidden_states_tap(tiny):
         assert torch.allclose(mean[row, 1], ref[layer][0].mean(0), atol=1e-5)
 
 
-def test_bf16_logits_close(tiny):
+@pytest.mark.parametrize("fp32_gemm_min_rows", GEMM_ROWS)
+def test_bf16_logits_close(tiny, fp32_gemm_min_rows):
+    """bf16 on each kernel path stays within tolerance of fp32, in prefill and in 16 decode
+    steps (two sequences, fed the fp32 model's greedy tokens)."""
     hf, ours = tiny
-    prompt = _prompts(2)[1]
     weights = {k: v for k, v in hf.state_dict().items()}
-    m16 = LlamaModel(ours.cfg, weights, dtype=torch.bfloat16, device=DEVICE)
-    cache = m16.allocate_kv_cache(32, BS)
-    got = m16.forward([SeqInput(prompt, 0, list(range(10)))], cache).logits[0]
-    ref = ours.forward([SeqInput(prompt, 0, list(range(10)))], ours.allocate_kv_cache(32, BS)).logits[0]
+    m16 = LlamaModel(ours.cfg, weights, dtype=torch.bfloat16, device=DEVICE, fp32_copy=fp32_gemm_min_rows is not None)
+    m16.use_kernels(KernelChoice(fp32_gemm_min_rows, ours.kernels.decode_attention, "forced"))
+    cache, ref_cache = m16.allocate_kv_cache(32, BS), ours.allocate_kv_cache(32, BS)
+    seqs = [list(p) for p in _prompts(3)[1:]]
+    tables = [list(range(16)), list(range(16, 32))]
+    computed = [0, 0]
+    for _ in range(17):
+        inputs = [SeqInput(s[c:], c, t) for s, c, t in zip(seqs, computed, tables)]
+        got = m16.forward(inputs, cache).logits.float().cpu()
+        ref = ours.forward(inputs, ref_cache).logits.cpu()
+        assert (got - ref).abs().max() < 0.05 * ref.abs().max() + 0.05
+        computed = [len(s) for s in seqs]
+        for s, row in zip(seqs, ref):
+            s.append(int(row.argmax()))
     assert cache.dtype == torch.bfloat16
-    assert (got - ref).abs().max() < 0.05 * ref.abs().max() + 0.05
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_prepacked_linears_give_the_same_logits(tiny, dtype):
+def test_prepacked_linears_give_the_same_logits(tiny_one, dtype):
     """The oneDNN-prepacked weights are a layout change only: logits equal plain F.linear's."""
-    hf, ours = tiny
+    hf, ours = tiny_one
     weights = dict(hf.state_dict())
     packed = LlamaModel(ours.cfg, weights, dtype=dtype, prepack=True, fp32_copy=False, device=DEVICE)
     plain = LlamaModel(ours.cfg, weights, dtype=dtype, prepack=False, device=DEVICE)
@@ -290,7 +330,7 @@ def test_prepacked_linears_give_the_same_logits(tiny, dtype):
     assert torch.allclose(got, ref, atol=1e-5, rtol=1e-4)
 
 
-def test_bf16_batched_rows_run_on_fp32_copies(tiny):
+def test_bf16_batched_rows_run_on_fp32_copies(tiny_one):
     """A bf16 model on the CPU keeps fp32 copies of its linear weights for batches of
     FP32_GEMM_MIN_ROWS tokens or more: such a batch stays as close to the fp32 model as bf16 does,
     and a smaller batch runs the bf16 weights exactly as a model without the copies."""
@@ -298,7 +338,7 @@ def test_bf16_batched_rows_run_on_fp32_copies(tiny):
 
     if DEVICE != "cpu" or not torch.backends.mkldnn.is_available():
         pytest.skip("fp32 copies are a CPU (oneDNN) path")
-    hf, ours = tiny
+    hf, ours = tiny_one
     weights = dict(hf.state_dict())
     both = LlamaModel(ours.cfg, weights, dtype=torch.bfloat16)
     bf16_only = LlamaModel(ours.cfg, weights, dtype=torch.bfloat16, fp32_copy=False)
@@ -314,8 +354,8 @@ def test_bf16_batched_rows_run_on_fp32_copies(tiny):
                        bf16_only.forward(small, bf16_only.allocate_kv_cache(4, BS)).logits)
 
 
-def test_bad_inputs(tiny):
-    _, ours = tiny
+def test_bad_inputs(tiny_one):
+    _, ours = tiny_one
     cache = ours.allocate_kv_cache(4, BS)
     with pytest.raises(ValueError, match="cannot hold"):
         ours.forward([SeqInput([1, 2, 3, 4, 5], 0, [0])], cache)
@@ -410,10 +450,10 @@ def importlib_find(name):
     return importlib.util.find_spec(name)
 
 
-def test_long_prefill_alone_and_in_chunks(tiny):
+def test_long_prefill_alone_and_in_chunks(tiny_one):
     """A 130-token prompt prefilled at once (causal attention over the step's own keys) and in
     chunks of 48 (each chunk also reads the earlier ones from the cache) gives transformers' logits."""
-    hf, ours = tiny
+    hf, ours = tiny_one
     prompt = (_prompts(2)[1] * 4)[:130]
     with torch.no_grad():
         ref = hf(torch.tensor([prompt])).logits[0, -1]

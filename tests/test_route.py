@@ -176,6 +176,32 @@ def test_sal_divides_work_by_speed():
     assert make_router("sal").choose(RouteRequest(1, 10.0), reps) == 1  # 310/4 < 110/1
 
 
+def test_expected_latency_reads_the_replica_s_step_curve_and_its_co_runners():
+    def step(ms_per_seq):
+        return lambda batch, kv: 0.010 + ms_per_seq * 1e-3 * batch
+
+    fast, slow = ReplicaLoad("fast", prefill_weight=0.0, decode_step_s=step(0.1)), \
+        ReplicaLoad("slow", prefill_weight=0.0, decode_step_s=step(0.4))
+    assert ReplicaLoad().expected_latency(10, 50.0) is None  # no step curve: unknown
+    assert fast.expected_latency(10, 100.0) == pytest.approx(100 * (0.010 + 0.0001))  # alone
+    for j in range(20):  # 20 co-runners, each with 1000 tokens left: all share the new request's life
+        fast.on_send(f"f{j}", 10, 1000.0, None, 0.0)
+    assert fast.expected_latency(10, 100.0) == pytest.approx(100 * (0.010 + 0.0001 * 21))
+    for j in range(20):  # 20 with 5 tokens left: together they share ~1 step of the new one's 100
+        slow.on_send(f"s{j}", 10, 5.0, None, 0.0)
+    assert slow.expected_latency(10, 100.0) == pytest.approx(100 * (0.010 + 0.0004 * 2))
+    # sal by latency: the slow replica whose requests end soon beats the fast one that is full
+    request = RouteRequest(10, 100.0)
+    assert make_router("sal", estimate="latency").choose(request, [fast, slow]) == 1
+    assert make_router("sal").choose(request, [fast, slow]) == 1  # by work too (100 vs 20000)
+    # ... but for a one-token request the fast replica's lower step time at its batch wins by latency only
+    short = RouteRequest(10, 1.0)
+    assert make_router("sal", estimate="latency").choose(short, [fast, slow]) == 0
+    assert make_router("sal").choose(short, [fast, slow]) == 1
+    with pytest.raises(ValueError, match="estimate must be one of"):
+        make_router("sal", estimate="guess")
+
+
 def test_sal_skips_a_replica_whose_kv_cannot_take_the_request():
     reps = [ReplicaLoad("full", kv_capacity_tokens=1000, prefill_weight=0.0),
             ReplicaLoad("busy", kv_capacity_tokens=100_000, prefill_weight=0.0)]

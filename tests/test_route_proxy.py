@@ -16,7 +16,7 @@ from helpers import serve_on_loopback, wait_until
 from rankserve.predict.base import Predictor
 from rankserve.route.load import ScoreLengths
 from rankserve.route.body import mark_score, read_prompt, score_to_priority
-from rankserve.route.proxy import RouterConfig, RoutingProxy, build_proxy_app
+from rankserve.route.proxy import RouterConfig, RoutingProxy, build_proxy_app, learn_length, prepare_request
 from rankserve.route.scoring import PromptScorer, approximate_tokens
 from rankserve.route.sse import EventReader, output_tokens
 
@@ -249,6 +249,29 @@ def test_sal_with_a_score_only_predictor_follows_the_lengths_learned_per_score(a
     assert where["A"] != where["B"]
     # the probe joins the held request whose score has learned the shorter length
     assert where["probe"] == (where["B"] if b_len < a_len else where["A"])
+
+
+def test_prepare_request_gives_a_score_the_length_learned_for_it():
+    # the one rule shared by rankserve route and Ray Serve's ingress (server/ray_serve.py)
+    lengths = ScoreLengths(bins=2, refit_every=1, min_samples=4)
+    scorer = PromptScorer(ScoreOnly(), approximate_tokens)
+    body = json.dumps({"prompt": "a short one", "max_tokens": 999}).encode()
+
+    def prepare(with_lengths):
+        return asyncio.run(prepare_request(body, False, scorer, "none", lengths=lengths if with_lengths else None))
+
+    try:
+        before = prepare(True)
+        assert before.route.predicted_output_tokens is None and before.length_score == 0.0  # nothing learned yet
+        for _ in range(4):
+            learn_length(lengths, before.length_score, 12)
+            learn_length(lengths, 1.0, 300)
+        learn_length(lengths, None, 5000)  # no score: teaches nothing
+        after = prepare(True)
+        assert after.route.predicted_output_tokens == 12 and after.route.max_tokens == 999
+        assert prepare(False).route.predicted_output_tokens is None and prepare(False).length_score is None
+    finally:
+        scorer.close()
 
 
 def test_pow2_and_least_requests_avoid_the_busy_backend():

@@ -4,6 +4,7 @@ Skipped where ray[serve] is not installed (``pip install "rankserve[ray]"``)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,8 +18,11 @@ ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 pytest.importorskip("torch")
 
-from rankserve.server.ray_serve import build_serve_app  # noqa: E402
 from rankserve.engine.build import EngineSettings  # noqa: E402
+from rankserve.route.load import ScoreLengths  # noqa: E402
+from rankserve.route.scoring import PromptScorer, approximate_tokens  # noqa: E402
+from rankserve.server.ray_serve import OpenAIIngress, build_serve_app  # noqa: E402
+from test_route_proxy import ScoreOnly  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 
@@ -91,3 +95,87 @@ def test_a_client_leaving_a_stream_frees_the_replica(url):
         return all(not s["generated"] for s in stats)
 
     assert replica and wait_until(idle, 30)
+
+
+class _FakeStream:
+    """What ``handle.options(stream=True).generate.remote(...)`` returns: an async iterator of chunks."""
+
+    def __init__(self, chunks):
+        self._chunks = iter(chunks)
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        try:
+            return next(self._chunks)
+        except StopIteration:
+            raise StopAsyncIteration from None
+
+    def cancel(self):
+        pass
+
+
+class _FakeEngine:
+    """An engine deployment handle that answers every request with ``tokens`` tokens (streamed or
+    whole) and keeps the route fields each request carried."""
+
+    def __init__(self, tokens):
+        self.tokens = tokens
+        self.routes = []
+
+    def options(self, **_):
+        return self
+
+    @property
+    def generate(self):
+        return self
+
+    def remote(self, request):
+        self.routes.append(request["route"])
+        n = self.tokens(json.loads(request["payload"])["prompt"])
+        if json.loads(request["payload"]).get("stream"):
+            head = {"status": 200, "content_type": "text/event-stream", "replica": "r0"}
+            events = [{"body": b'data: {"choices": [{"text": "x"}]}\n\n'} for _ in range(n)]
+            return _FakeStream([head, *events, {"body": b"data: [DONE]\n\n"}])
+        head = {"status": 200, "content_type": "application/json", "replica": "r0"}
+        return _FakeStream([head, {"body": json.dumps({"usage": {"completion_tokens": n}}).encode()}])
+
+
+class _Body:
+    def __init__(self, body):
+        self._body = json.dumps(body).encode()
+
+    async def body(self):
+        return self._body
+
+
+def test_the_ingress_gives_serve_s_router_the_lengths_learned_per_score():
+    # the ingress class itself (Serve's ingress wrapper subclasses it); no Ray instance needed
+    plain = next(c for c in OpenAIIngress.__mro__[1:] if c.__name__ == "OpenAIIngress")
+    engine = _FakeEngine(lambda prompt: 7 if prompt.startswith("a") else 40)
+    ingress = plain(engine, None, tokenizer="approx")
+    ingress.scorer.close()
+    ingress.scorer = PromptScorer(ScoreOnly(), approximate_tokens)  # a ranker's kind of answer
+    ingress.lengths = ScoreLengths(bins=2, refit_every=1, min_samples=4)
+
+    async def ask(prompt, stream):
+        response = await ingress._forward(_Body({"prompt": prompt, "stream": stream}), "/v1/completions", False)
+        if stream:
+            assert b"".join([c async for c in response.body_iterator]).endswith(b"[DONE]\n\n")
+
+    async def scenario():
+        for _ in range(2):  # whole answers and complete streams both teach
+            await ask("a question", False)
+            await ask("a question", True)
+            await ask("b question", False)
+            await ask("b question", True)
+        await ask("a question", False)
+        await ask("b question", False)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        ingress.scorer.close()
+    assert engine.routes[0]["predicted_output_tokens"] is None  # nothing learned yet
+    assert [r["predicted_output_tokens"] for r in engine.routes[-2:]] == [7, 40]

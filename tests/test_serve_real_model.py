@@ -3,10 +3,13 @@ its default configuration: learning-to-rank scheduling with the shipped ranker."
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from helpers import serve_on_loopback, wait_until
 
 import rankserve.learn  # noqa: F401 - registers the learned predictors (ranker, probe) by name
+from rankserve.core import RequestStatus
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("torch")
@@ -15,10 +18,16 @@ pytest.importorskip("uvicorn")
 
 
 @pytest.fixture(scope="module")
-def server():
+def records_path(tmp_path_factory):
+    return tmp_path_factory.mktemp("records") / "records.sqlite"
+
+
+@pytest.fixture(scope="module")
+def server(records_path):
     from rankserve.engine.build import EngineSettings, load_engine
     from rankserve.model.loader import ModelNotFoundError
     from rankserve.server.app import ServerConfig, build_app
+    from rankserve.server.serve import attach_recorder
 
     try:
         loaded = load_engine(EngineSettings(dtype="float32", kv_cache_gb=0.25, swap_space_gb=0.25, max_num_seqs=8,
@@ -27,9 +36,11 @@ def server():
         pytest.skip(str(exc))
     app = build_app(ServerConfig(loaded.model_name, loaded.max_model_len, vocab_size=loaded.vocab_size),
                     loaded.tokenizer, loaded.engine)
+    app.state.recorder = attach_recorder(loaded, records_path)  # --record-lengths
     with serve_on_loopback(app) as url:
         yield openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60), loaded
     loaded.engine.shutdown()
+    app.state.recorder.close()
 
 
 def test_models(server):
@@ -79,15 +90,43 @@ def test_seeded_sampling_repeats_and_errors_are_typed(server):
 
 
 def test_the_ranker_scores_every_request(server):
+    """The module's server has served other tests: count this test's requests only."""
     client, loaded = server
-    client.completions.create(model="smollm2-135m-instruct", prompt="Say hi.", max_tokens=2)
-    report = loaded.engine.loop.core.predictor.report()
-    assert report["predictor"] == "ranker" and report["prompts_scored"] >= 1
+    predictor = loaded.engine.loop.core.predictor
+    before = predictor.report()["prompts_scored"]
+    for prompt in ("Say hi.", "Name a colour."):
+        client.completions.create(model="smollm2-135m-instruct", prompt=prompt, max_tokens=2)
+    report = predictor.report()
+    assert report["predictor"] == "ranker" and report["prompts_scored"] == before + 2
 
 
-def test_disconnect_mid_stream_frees_blocks(server):
+def test_finished_requests_are_recorded_for_fine_tuning(server, records_path):
+    import httpx
+
+    from rankserve.learn.records import read_records
+
+    client, loaded = server
+    metrics_url = str(client.base_url).removesuffix("/").removesuffix("/v1") + "/metrics"
+
+    def written() -> float:
+        found = re.search(r"^rankserve:length_records_written_total\{[^}]*\} (\S+)$", httpx.get(metrics_url).text, re.M)
+        return float(found.group(1))
+
+    before = written()
+    client.completions.create(model="smollm2-135m-instruct", prompt="Name a colour.", max_tokens=3)
+    assert wait_until(lambda: written() > before, timeout_s=30)  # written in batches, off the engine thread
+    records = read_records(records_path)
+    assert len(records.output_tokens) == written()
+    assert records.output_tokens[-1] <= 3 and records.features[-1].shape[1] == 384
+    assert (records.spec.bottom_layers, records.spec.max_length) == (3, 256)  # the serving ranker-reference's
+
+
+def test_disconnect_mid_stream_aborts_and_frees_blocks(server, monkeypatch):
     client, loaded = server
     scheduler = loaded.engine.loop.core.scheduler
+    seen = []
+    generate = loaded.engine.generate
+    monkeypatch.setattr(loaded.engine, "generate", lambda req, **kw: seen.append(req) or generate(req, **kw))
     stream = client.completions.create(model="smollm2-135m-instruct", prompt="Tell me a very long story.",
                                        max_tokens=400, stream=True, extra_body={"ignore_eos": True})
     got = 0
@@ -98,6 +137,9 @@ def test_disconnect_mid_stream_frees_blocks(server):
             break
     stream.close()  # the client goes away mid-stream
     assert wait_until(lambda: not scheduler.has_work, timeout_s=20)
+    (req,) = seen
+    assert req.status is RequestStatus.ABORTED and req.abort_reason == "client disconnected"
+    assert req.num_output_tokens < 400
     scheduler.blocks.check_invariants(scheduler.live_requests())
     assert scheduler.blocks.num_free_device_blocks == scheduler.blocks.device.num_blocks
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -12,6 +13,7 @@ from fastapi.testclient import TestClient
 from helpers import serve_on_loopback, wait_until
 from test_engine_loop import make_engine
 
+from rankserve.core import FinishReason, RequestStatus
 from rankserve.server.app import ServerConfig, build_app
 
 
@@ -80,14 +82,38 @@ def test_chat_completion_streaming_and_not(served):
     assert "".join(c["choices"][0]["delta"]["content"] for c in chunks) == "bcd"
 
 
-def test_stop_string_cuts_the_text_and_ends_the_request(served):
-    client, _, pool = served
-    r = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 100, "stop": ["fg"]})
-    choice = r.json()["choices"][0]
-    assert choice["text"] == "bcde" and choice["finish_reason"] == "stop"
-    assert r.json()["usage"]["completion_tokens"] < 100
-    # The stop string aborts the request in the engine thread, which may run after the response.
-    assert wait_until(lambda: pool.num_free_device_blocks == 256)
+def engine_requests(engine) -> list:
+    """Record the core Request of every request the app hands to ``engine``."""
+    seen = []
+    generate = engine.generate
+
+    def recording(req, **kwargs):
+        seen.append(req)
+        return generate(req, **kwargs)
+
+    engine.generate = recording
+    return seen
+
+
+def test_stop_string_cuts_the_text_and_ends_the_request_as_stopped():
+    """The engine's request ends finished with reason stop a few tokens after the stop string
+    (10 ms a step: 100 tokens would take a second), not aborted and not at max_tokens."""
+    engine, _, pool = make_engine(delay_s=0.01, blocks=256)
+    seen = engine_requests(engine)
+    app = build_app(ServerConfig("tiny", max_model_len=200, vocab_size=50), CharTokenizer(), engine)
+    try:
+        with TestClient(app) as client:
+            r = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 100, "stop": ["fg"]})
+        choice = r.json()["choices"][0]
+        assert choice["text"] == "bcde" and choice["finish_reason"] == "stop"
+        assert r.json()["usage"]["completion_tokens"] == 6  # "bcdefg": the tokens up to the stop string
+        (req,) = seen
+        assert wait_until(lambda: req.status.is_done)
+        assert req.status is RequestStatus.FINISHED and req.finish_reason is FinishReason.STOP
+        assert req.num_output_tokens < 50
+        assert wait_until(lambda: pool.num_free_device_blocks == 256)
+    finally:
+        engine.shutdown()
 
 
 @pytest.mark.parametrize(
@@ -188,18 +214,39 @@ def test_api_key_loading_and_full_queue():
         engine.shutdown()
 
 
-def test_a_burst_of_good_and_bad_requests_leaves_no_blocks_behind(served):
-    client, engine, pool = served
-    for i in range(30):
-        body = {"prompt": "abc" * (i % 4 + 1), "max_tokens": 5 + i}
+def test_a_burst_of_good_and_bad_requests_leaves_no_blocks_behind():
+    """30 requests sent at once (a third invalid) to an engine that runs 4 at a time: each good
+    one gets its whole answer, each bad one a 400, and the pool ends as it began."""
+    engine, executor, pool = make_engine(delay_s=0.002, blocks=256)
+    app = build_app(ServerConfig("tiny", max_model_len=200, vocab_size=50), CharTokenizer(), engine)
+    sched = engine.loop.core.scheduler
+    batch_sizes = []
+    execute = executor.execute
+    executor.execute = lambda out: batch_sizes.append(len(out.requests)) or execute(out)
+
+    def send(i: int) -> httpx.Response:
+        body = {"prompt": "abc" * (i % 4 + 1), "max_tokens": 5 + i, "ignore_eos": True}
         if i % 3 == 0:
             body["temperature"] = 7  # invalid
-        r = client.post("/v1/completions", json=body)
-        assert r.status_code == (400 if i % 3 == 0 else 200)
-    sched = engine.loop.core.scheduler
-    assert not sched.has_work
-    pool.check_invariants(sched.live_requests())
-    assert pool.num_free_device_blocks == 256
+        start.wait()
+        return httpx.post(f"{url}/completions", json=body, timeout=10)
+
+    try:
+        with serve_on_loopback(app) as url, ThreadPoolExecutor(30) as pool_of_clients:
+            start = threading.Event()
+            futures = [pool_of_clients.submit(send, i) for i in range(30)]
+            start.set()
+            responses = [f.result() for f in futures]
+        for i, r in enumerate(responses):
+            assert r.status_code == (400 if i % 3 == 0 else 200), r.text
+            if i % 3:
+                assert r.json()["usage"]["completion_tokens"] == 5 + i
+        assert max(batch_sizes) >= 2  # they overlapped in the engine
+        assert wait_until(lambda: not sched.has_work)
+        pool.check_invariants(sched.live_requests())
+        assert pool.num_free_device_blocks == 256
+    finally:
+        engine.shutdown()
 
 
 def test_client_that_leaves_mid_stream_frees_its_blocks():
@@ -271,6 +318,45 @@ def test_a_request_that_breaks_the_engine_gets_an_error_and_a_victim_stream_comp
                 assert bad.status_code == 500 or "error" in events[-1]
                 rest = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
             assert rest[-1]["choices"][0]["finish_reason"] == "length"
+        assert wait_until(lambda: pool.num_free_device_blocks == 256)
+    finally:
+        engine.shutdown()
+
+
+def test_after_a_step_fails_for_everyone_the_live_requests_get_errors_and_new_ones_are_served():
+    """A step that raises outside any one request's computation ends every live request: a plain
+    request gets a 500 with the OpenAI error body, a running stream gets an error event and
+    [DONE]; the engine serves the next request as usual."""
+    engine, _, pool = make_engine(delay_s=0.005, blocks=256)
+    core = engine.loop.core
+    step = core.step
+    armed = threading.Event()
+
+    def failing_step():
+        if armed.is_set() and len(core.scheduler.running) == 2:  # both requests are in the engine
+            armed.clear()
+            raise RuntimeError("scheduler state lost")
+        return step()
+
+    core.step = failing_step
+    app = build_app(ServerConfig("tiny", max_model_len=1000, vocab_size=50), CharTokenizer(), engine)
+    body = {"prompt": "abc", "max_tokens": 500, "ignore_eos": True}
+    try:
+        with TestClient(app) as client:
+            with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as streamed:
+                lines = streamed.iter_lines()
+                assert next(line for line in lines if line.startswith("data: "))  # it is running
+                armed.set()
+                plain = client.post("/v1/completions", json=body)
+                rest = [line[len("data: "):] for line in lines if line.startswith("data: ")]
+            assert plain.status_code == 500
+            error = plain.json()["error"]
+            assert error["type"] == "server_error" and "scheduler state lost" in error["message"]
+            assert streamed.status_code == 200 and rest[-1] == "[DONE]"
+            assert "scheduler state lost" in json.loads(rest[-2])["error"]["message"]
+            after = client.post("/v1/completions", json={**body, "max_tokens": 5})
+            assert after.status_code == 200 and after.json()["choices"][0]["text"] == "bcdef"
+        assert not armed.is_set()  # the failure did happen
         assert wait_until(lambda: pool.num_free_device_blocks == 256)
     finally:
         engine.shutdown()

@@ -15,8 +15,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
-from rankserve.core.metrics import summarize
+from rankserve.core.metrics import e2e, summarize, tpot, ttft
 from rankserve.core.request import Request, RequestStatus, SamplingParams
 
 
@@ -146,11 +147,8 @@ def bench_summary(results: Sequence[Request], slo: SLO | None = None) -> dict[st
         for r in results:
             if r.status is not RequestStatus.FINISHED:
                 continue
-            ttft = r.first_token_time - r.arrival_time
-            e2e = r.finished_time - r.arrival_time
-            tpot = (e2e - ttft) / max(r.num_output_tokens - 1, 1)
-            if ((slo.ttft_s is None or ttft <= slo.ttft_s) and (slo.tpot_s is None or tpot <= slo.tpot_s)
-                    and (slo.e2e_s is None or e2e <= slo.e2e_s)):
+            if ((slo.ttft_s is None or ttft(r) <= slo.ttft_s) and (slo.tpot_s is None or tpot(r) <= slo.tpot_s)
+                    and (slo.e2e_s is None or e2e(r) <= slo.e2e_s)):
                 good += 1
         out["goodput_rps"] = good / out["duration_s"] if out["duration_s"] > 0 else 0.0
     return out
@@ -167,11 +165,12 @@ def server_preemptions(base_url: str, api_key: str | None = None) -> int | None:
         text = httpx.get(root + "/metrics", headers=headers, timeout=10).text
     except httpx.HTTPError:
         return None
-    if "vllm:num_preemptions" not in text:
+    name = "vllm:num_preemptions"  # the family; "_total" names its samples (and an untyped family)
+    families = [f for f in text_string_to_metric_families(text) if f.name in (name, name + "_total")]
+    if not families:
         return None
     # A labelled counter has no sample until its first increment: then it is 0.
-    return int(sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith("vllm:num_preemptions_total")))
+    return int(sum(s.value for f in families for s in f.samples if s.name == name + "_total"))
 
 
 def per_request_rows(results: Sequence[Request]) -> list[dict]:
@@ -180,7 +179,7 @@ def per_request_rows(results: Sequence[Request]) -> list[dict]:
         row = {"id": r.request_id, "arrival_s": r.arrival_time, "max_tokens": r.sampling.max_tokens,
                "prompt_tokens": r.prompt_len, "status": r.status.value}
         if r.status is RequestStatus.FINISHED:
-            row.update(ttft_s=r.first_token_time - r.arrival_time, e2e_s=r.finished_time - r.arrival_time,
+            row.update(ttft_s=ttft(r), e2e_s=e2e(r),
                        output_tokens=r.num_output_tokens, max_gap_s=r.max_token_gap)
         else:
             row["error"] = r.abort_reason

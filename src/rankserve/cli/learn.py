@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from rankserve.cli.flags import checked, non_negative, positive_int
+from rankserve.learn import TEXT_MODEL_KINDS
 from rankserve.learn.datasets import SERVED_LABELS as DEFAULT_LABELS
 from rankserve.learn.labels import LabelConfig
 
@@ -51,12 +52,17 @@ def cmd_label(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def add_train_commands(sub) -> None:
-    from rankserve.learn.text_model import TextModelConfig, TrainConfig
+    from rankserve.learn.text_model import PRECISIONS, TextModelConfig, TrainConfig
 
     m, t = TextModelConfig(), TrainConfig()
     tr = sub.add_parser("train", help="train a prompt-side length predictor (MiniLM backbone)")
-    tr.add_argument("kind", choices=("ranker", "classifier", "regressor"))
+    tr.add_argument("kind", choices=TEXT_MODEL_KINDS)
     tr.add_argument("--labels", default="served", help="served, reference, or a label CSV from rankserve label")
+    tr.add_argument("--from-records", type=Path, default=None, metavar="PATH",
+                    help="ranker only: fine-tune --base on served traffic recorded by `rankserve serve "
+                    "--record-lengths PATH` (requests cut at max_tokens count as lower bounds)")
+    tr.add_argument("--base", type=Path, default=None,
+                    help="with --from-records: the ranker to fine-tune (default: the shipped default ranker, ranker-reference)")
     tr.add_argument("--out", type=Path, required=True, help="where to write the .safetensors (+ .json)")
     tr.add_argument("--epochs", type=checked(positive_int), default=t.epochs)
     tr.add_argument("--list-size", type=checked(positive_int), default=t.list_size, help="ranker: prompts per list")
@@ -65,7 +71,8 @@ def add_train_commands(sub) -> None:
                     help="classifier bucket range / regressor scale (tokens)")
     tr.add_argument("--trainable-layers", type=checked(positive_int), default=m.trainable_layers)
     tr.add_argument("--max-length", type=checked(positive_int), default=m.max_length, help="prompt tokens kept")
-    tr.add_argument("--max-train", type=checked(positive_int), default=None, help="use at most this many prompts")
+    tr.add_argument("--max-train", type=checked(positive_int), default=None,
+                    help="use at most this many prompts (with --from-records: the first records)")
     tr.add_argument("--seed", type=int, default=t.seed)
     tr.set_defaults(run=cmd_train, parser=tr)
 
@@ -73,6 +80,8 @@ def add_train_commands(sub) -> None:
     ev.add_argument("models", nargs="*", type=Path, help="trained .safetensors files")
     ev.add_argument("--labels", default="served", help="served, reference, or a label CSV")
     ev.add_argument("--json", type=Path, default=None, help="write the rows as JSON here")
+    ev.add_argument("--precision", choices=PRECISIONS, default="auto",
+                    help="scoring precision (auto: what the server uses, bfloat16 where the CPU has it)")
     ev.set_defaults(run=cmd_eval, parser=ev)
 
 
@@ -94,6 +103,8 @@ def cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from rankserve.learn.training import set_threads, train_text_predictor
 
     set_threads()
+    if args.from_records is not None or args.base is not None:
+        return _train_from_records(args, parser)
     data = _load_data(args, parser, args.max_train)
     model_config = TextModelConfig(kind=args.kind, trainable_layers=args.trainable_layers, max_length=args.max_length,
                                    num_buckets=args.buckets, max_output=args.max_output)
@@ -103,16 +114,43 @@ def cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
+def _train_from_records(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import json
+
+    from rankserve.learn.predictors import default_weights
+    from rankserve.learn.text_model import TrainConfig
+    from rankserve.learn.training import train_from_records
+
+    if args.from_records is None:
+        parser.error("argument --base: only with --from-records")
+    if args.kind != "ranker":
+        parser.error(f"argument --from-records: fine-tunes a ranker, not a {args.kind}")
+    if not args.from_records.is_file():
+        parser.error(f"argument --from-records: {args.from_records} does not exist")
+    base = args.base or default_weights("ranker")
+    if not base.is_file():
+        parser.error(f"argument --base: {base} does not exist")
+    config = TrainConfig(epochs=args.epochs, list_size=args.list_size, seed=args.seed)
+    try:
+        record = train_from_records(args.from_records, base, config, args.out, args.max_train)
+    except ValueError as exc:
+        parser.error(f"argument --from-records: {exc}")
+    print(json.dumps({k: record[k] for k in ("labels", "fine_tuned_from", "num_train", "share_cut_at_max_tokens",
+                                             "train_s")}))
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import json
 
+    from rankserve.learn.text_model import inference_dtype
     from rankserve.learn.training import evaluate_saved, format_table, set_threads
 
     set_threads()
     for path in args.models:
         if not path.is_file():
             parser.error(f"argument models: {path} does not exist")
-    rows = evaluate_saved(_load_data(args, parser), args.models)
+    rows = evaluate_saved(_load_data(args, parser), args.models, inference_dtype(args.precision))
     print(format_table(rows))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -25,6 +25,7 @@ from rankserve.cli.flags import checked, non_negative, port, positive, positive_
 from rankserve.cli.learn import add_label_command, add_train_commands
 from rankserve.cli.route import add_route_commands
 from rankserve.core.policies import POLICY_NAMES
+from rankserve.engine.build import EngineSettings
 from rankserve.learn import LEARNED_NAMES
 from rankserve.predict import predictor_names
 from rankserve.route.load import ReplicaLoad
@@ -119,32 +120,39 @@ def build_parser() -> argparse.ArgumentParser:
     sw.set_defaults(run=cmd_sweep, parser=sw)
 
     sv = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
-    sv.add_argument("--model", default=None,
+    engine = EngineSettings()  # the defaults live there, shared with Ray Serve and the tests
+    sv.add_argument("--model", default=engine.model,
                     help="a local Hugging Face directory (Llama, Qwen2); default: the embedded SmolLM2-135M-Instruct")
     sv.add_argument("--served-model-name", default=None, help="the model name clients use (default: the model's)")
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=checked(port), default=8000)
-    sv.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
-    sv.add_argument("--policy", choices=POLICY_NAMES, default="ltr",
+    sv.add_argument("--dtype", choices=("bfloat16", "float32"), default=engine.dtype)
+    sv.add_argument("--policy", choices=POLICY_NAMES, default=engine.policy,
                     help="scheduling policy (default: learning to rank with starvation prevention)")
     sv.add_argument("--policy-arg", action="append", default=[], metavar="KEY=VALUE",
                     help="a policy parameter, e.g. starvation_prevention=false for ltr (repeatable)")
     # Oracle predictors need known output lengths, which live requests do not have.
-    sv.add_argument("--predictor", choices=("ranker", "classifier", "regressor", "probe", "prompt-len", "oracle"),
-                    default="ranker", help="length predictor for sjf/srpt/ltr/trail (default: the trained ranker; "
+    sv.add_argument("--predictor", choices=(*LEARNED_NAMES, "prompt-len", "oracle"), default=engine.predictor, help="length predictor for sjf/srpt/ltr/trail (default: the trained ranker; "
                     "oracle: only for replayed traces, where ignore_eos requests' max_tokens is the length)")
     sv.add_argument("--predictor-weights", default=None,
                     help="trained weights (.safetensors) for --predictor; default: the shipped ones")
-    sv.add_argument("--max-num-seqs", type=checked(positive_int), default=32)
-    sv.add_argument("--max-num-batched-tokens", type=checked(positive_int), default=1024)
-    sv.add_argument("--kv-cache-gb", type=checked(positive), default=2.0, help="device KV cache size (GiB)")
-    sv.add_argument("--swap-space-gb", type=checked(non_negative), default=4.0, help="host swap space (GiB)")
-    sv.add_argument("--preemption-mode", choices=("swap", "recompute"), default="swap")
-    sv.add_argument("--max-model-len", type=checked(positive_int), default=None)
+    sv.add_argument("--record-lengths", type=Path, default=None, metavar="PATH",
+                    help="record every finished request (token counts, finish reason, the ranker's prompt "
+                    "features) in this SQLite file, for `rankserve train ranker --from-records PATH`")
+    sv.add_argument("--record-prompts", action="store_true",
+                    help="with --record-lengths: also keep each prompt's text (off: only its features and digest)")
+    sv.add_argument("--max-num-seqs", type=checked(positive_int), default=engine.max_num_seqs)
+    sv.add_argument("--max-num-batched-tokens", type=checked(positive_int), default=engine.max_num_batched_tokens)
+    sv.add_argument("--kv-cache-gb", type=checked(positive), default=engine.kv_cache_gb,
+                    help="device KV cache size (GiB)")
+    sv.add_argument("--swap-space-gb", type=checked(non_negative), default=engine.swap_space_gb,
+                    help="host swap space (GiB)")
+    sv.add_argument("--preemption-mode", choices=("swap", "recompute"), default=engine.preemption_mode)
+    sv.add_argument("--max-model-len", type=checked(positive_int), default=engine.max_model_len)
     sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
     sv.add_argument("--max-queued", type=checked(positive_int), default=4096,
                     help="answer 429 beyond this many waiting requests")
-    sv.add_argument("--seed", type=int, default=0)
+    sv.add_argument("--seed", type=int, default=engine.seed)
     sv.add_argument("--shutdown-timeout", type=checked(non_negative), default=10.0,
                     help="on SIGTERM/SIGINT, seconds to let requests in flight finish before aborting them")
     sv.set_defaults(run=cmd_serve, parser=sv)
@@ -302,7 +310,6 @@ def cmd_sweep(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 def cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from rankserve.core.policies import POLICIES, make_policy
-    from rankserve.engine.build import EngineSettings
     from rankserve.model.loader import ModelNotFoundError
     from rankserve.server.serve import ModelLoadError, serve
 
@@ -321,9 +328,13 @@ def cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         weights = Path(args.predictor_weights) if args.predictor_weights else default_weights(args.predictor)
         if not weights.is_file():
             parser.error(f"argument --predictor-weights: {weights} does not exist (see docs/PREDICTORS.md)")
+    if args.record_prompts and args.record_lengths is None:
+        parser.error("argument --record-prompts: only with --record-lengths PATH")
+    if args.record_lengths is not None and not args.record_lengths.parent.is_dir():
+        parser.error(f"argument --record-lengths: {args.record_lengths.parent} is not a directory")
     settings = EngineSettings(
         model=args.model, dtype=args.dtype, policy=args.policy, policy_params=policy_params,
-        predictor=args.predictor if policy.needs_prediction else None,
+        predictor=args.predictor,
         predictor_weights=args.predictor_weights,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         kv_cache_gb=args.kv_cache_gb, swap_space_gb=args.swap_space_gb,
@@ -331,7 +342,7 @@ def cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     )
     try:
         serve(settings, args.host, args.port, args.api_key, args.max_queued, args.served_model_name,
-              args.shutdown_timeout)
+              args.shutdown_timeout, args.record_lengths, args.record_prompts)
     except (ModelNotFoundError, ValueError) as exc:
         parser.error(f"argument --model: {exc}")
     except ModelLoadError as exc:

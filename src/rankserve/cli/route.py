@@ -6,12 +6,13 @@ import argparse
 
 from rankserve.cli.flags import checked as flag_type
 from rankserve.cli.flags import non_negative, non_negative_int, port, positive, positive_int
+from rankserve.learn import TEXT_MODEL_KINDS
 from rankserve.route.backends import normalize_url
 from rankserve.route.body import DEFAULT_PRIORITY_SCALE, DEFAULT_XARGS_KEY, SCORE_MODES
 from rankserve.route.policies import ROUTER_NAMES
 from rankserve.route.scoring import choose_predictor
 
-PREDICTOR_CHOICES = ("ranker", "classifier", "regressor", "none")
+PREDICTOR_CHOICES = (*TEXT_MODEL_KINDS, "none")
 
 
 def add_route_commands(sub) -> None:

@@ -16,26 +16,42 @@ import numpy as np
 from rankserve.core.request import Request, RequestStatus
 
 
+def ttft(req: Request) -> float:
+    """Seconds from arrival to the first token."""
+    return req.first_token_time - req.arrival_time
+
+
+def e2e(req: Request) -> float:
+    """Seconds from arrival to the end."""
+    return req.finished_time - req.arrival_time
+
+
+def tpot(req: Request) -> float:
+    """Seconds per output token after the first (0 for a single-token output)."""
+    n_out = len(req.output_token_ids)
+    return (e2e(req) - ttft(req)) / (n_out - 1) if n_out > 1 else 0.0
+
+
 def request_table(requests: Sequence[Request]) -> dict[str, np.ndarray]:
     """Per-request metrics of the finished requests, as arrays (one entry per request)."""
     done = [r for r in requests if r.status is RequestStatus.FINISHED and r.output_token_ids]
-    arrival = np.fromiter((r.arrival_time for r in done), float, len(done))
-    first = np.fromiter((r.first_token_time for r in done), float, len(done))
-    end = np.fromiter((r.finished_time for r in done), float, len(done))
-    n_out = np.fromiter((len(r.output_token_ids) for r in done), float, len(done))
-    gap = np.fromiter((r.max_token_gap for r in done), float, len(done))
-    ttft = first - arrival
-    e2e = end - arrival
+
+    def column(metric) -> np.ndarray:
+        return np.fromiter((metric(r) for r in done), float, len(done))
+
+    first_wait = column(ttft)
+    latency = column(e2e)
+    n_out = column(lambda r: len(r.output_token_ids))
     return {
-        "ttft": ttft,
-        "e2e": e2e,
-        "tpot": np.where(n_out > 1, (e2e - ttft) / np.maximum(n_out - 1, 1), 0.0),
-        "latency_per_token": e2e / n_out,
-        "max_wait": np.maximum(ttft, gap),
+        "ttft": first_wait,
+        "e2e": latency,
+        "tpot": column(tpot),
+        "latency_per_token": latency / n_out,
+        "max_wait": np.maximum(first_wait, column(lambda r: r.max_token_gap)),
         "output_len": n_out,
-        "arrival": arrival,
-        "finish": end,
-        "preemptions": np.fromiter((r.num_preemptions for r in done), float, len(done)),
+        "arrival": column(lambda r: r.arrival_time),
+        "finish": column(lambda r: r.finished_time),
+        "preemptions": column(lambda r: r.num_preemptions),
     }
 
 

@@ -21,11 +21,13 @@ GiB = 1 << 30
 
 @dataclass
 class EngineSettings:
+    """How to build an engine; the defaults are ``rankserve serve``'s (its flags read them here)."""
+
     model: str | None = None  # None: the embedded SmolLM2-135M-Instruct
     dtype: str = "bfloat16"  # or "float32"
-    policy: str = "fcfs"
+    policy: str = "ltr"
     policy_params: dict = field(default_factory=dict)  # e.g. {"starvation_prevention": False}
-    predictor: str | None = None
+    predictor: str | None = "ranker"  # built only for a policy that needs predictions
     max_num_seqs: int = 32
     max_num_batched_tokens: int = 1024
     block_size: int = 16
@@ -44,6 +46,7 @@ class LoadedEngine:
     model_name: str
     max_model_len: int
     vocab_size: int
+    kernels: dict[str, str]  # the kernel paths the model runs (KernelChoice.labels)
 
 
 def build_core(settings: EngineSettings):
@@ -52,12 +55,14 @@ def build_core(settings: EngineSettings):
     ``predictor`` name is known once ``rankserve.learn`` is imported (it registers them)."""
     import torch  # torch loads with the model, not with this module
 
+    from rankserve.model.kernels import choose_kernels  # imports torch
     from rankserve.model.runner import ModelExecutor  # imports torch
 
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[settings.dtype]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     files, model = load_model(settings.model, dtype=dtype, device=device)
-    per_block = model.cfg.kv_bytes_per_token(dtype) * settings.block_size
+    choose_kernels(model)  # timed on first use on this machine, then cached; logged
+    per_block = model.cfg.kv_bytes_per_token(dtype.itemsize) * settings.block_size
     device_blocks = int(settings.kv_cache_gb * GiB // per_block)
     host_blocks = int(settings.swap_space_gb * GiB // per_block)
     if device_blocks < 1:
@@ -73,8 +78,10 @@ def build_core(settings: EngineSettings):
         max_model_len=max_len,
     )
     blocks = BlockManager(device_blocks, host_blocks, settings.block_size)
-    scheduler = Scheduler(config, make_policy(settings.policy, **settings.policy_params), blocks, clock)
-    predictor = make_predictor(settings.predictor, weights=settings.predictor_weights) if settings.predictor else None
+    policy = make_policy(settings.policy, **settings.policy_params)
+    scheduler = Scheduler(config, policy, blocks, clock)
+    wanted = settings.predictor if policy.needs_prediction else None
+    predictor = make_predictor(wanted, weights=settings.predictor_weights) if wanted else None
     # A refining predictor reads the layer it was trained on from the engine's taps.
     layers = (predictor.layer,) if predictor is not None and predictor.refines else ()
     executor = ModelExecutor(model, device_blocks, host_blocks, settings.block_size, layers, seed=settings.seed)
@@ -86,5 +93,6 @@ def build_core(settings: EngineSettings):
 def load_engine(settings: EngineSettings) -> LoadedEngine:
     """The core of ``build_core`` running in its own thread, with the model's tokenizer."""
     files, core, max_len = build_core(settings)
+    model = core.executor.model
     return LoadedEngine(AsyncEngine(core), HFTextTokenizer(load_tokenizer(files)), files.name, max_len,
-                        core.executor.model.cfg.vocab_size)
+                        model.cfg.vocab_size, model.kernels.labels())

@@ -62,11 +62,14 @@ class EngineStats:
 
 
 class EngineLoop:
-    """Runs ``EngineCore.step`` in a background thread while there is work."""
+    """Runs ``EngineCore.step`` in a background thread while there is work. ``on_ended(req)``, if
+    given, sees every request once as it ends (in the engine thread: it must be quick)."""
 
-    def __init__(self, core: EngineCore, idle_wait_s: float = 0.05) -> None:
+    def __init__(self, core: EngineCore, idle_wait_s: float = 0.05,
+                 on_ended: Callable[[Request], None] | None = None) -> None:
         self.core = core
         self.idle_wait_s = idle_wait_s
+        self.on_ended = on_ended
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -191,6 +194,11 @@ class EngineLoop:
         if finished:
             del self._live[req.request_id]
             del self._emitted[req.request_id]
+            if self.on_ended is not None:
+                try:
+                    self.on_ended(req)
+                except Exception:
+                    log.exception("on_ended failed for %s", req.request_id)
         try:
             entry[1](RequestOutput(req, list(tokens), finished))
         except Exception:
@@ -201,8 +209,8 @@ class AsyncEngine:
     """``async for output in engine.generate(request)``; cancelling the iteration (a client that
     disconnects) aborts the request and frees its KV blocks at once."""
 
-    def __init__(self, core: EngineCore) -> None:
-        self.loop = EngineLoop(core)
+    def __init__(self, core: EngineCore, on_ended: Callable[[Request], None] | None = None) -> None:
+        self.loop = EngineLoop(core, on_ended=on_ended)
         self.loop.start()
 
     async def generate(self, req: Request, on_end: Callable[[Request], None] | None = None

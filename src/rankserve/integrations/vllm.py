@@ -26,7 +26,7 @@ Configuration: environment variables, overridden by vLLM's ``--additional-config
 (lower case): RANKSERVE_POLICY (ltr | sjf | srpt | trail | fcfs; default ltr),
 RANKSERVE_POLICY_ARGS (a JSON object of the policy's parameters), RANKSERVE_PREDICTOR (ranker |
 classifier | regressor | none; default ranker) and RANKSERVE_PREDICTOR_WEIGHTS (a weights file;
-default the shipped served-model weights). Per request, in ``vllm_xargs``: ``rankserve_score``
+default the shipped default ranker, ranker-reference). Per request, in ``vllm_xargs``: ``rankserve_score``
 (lower runs first) and/or ``rankserve_predicted_len`` (predicted output tokens; also the score
 when no score is sent).
 

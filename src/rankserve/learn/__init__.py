@@ -10,12 +10,15 @@ from pathlib import Path
 
 from rankserve.predict import Predictor, register_learned
 
-#: Predictors that read the prompt text through a trained model (need rankserve[model]).
-LEARNED_NAMES = ("ranker", "classifier", "regressor", "probe")
+#: The MiniLM text models over the prompt (what ``rankserve train`` trains).
+TEXT_MODEL_KINDS = ("ranker", "classifier", "regressor")
+#: Predictors that read the prompt text through a trained model (need rankserve[model]); the probe
+#: then refines from the served model's hidden states.
+LEARNED_NAMES = (*TEXT_MODEL_KINDS, "probe")
 
 
 def _factory(name: str):
-    def build(labels: str, weights: str | Path | None) -> Predictor:
+    def build(labels: str | None, weights: str | Path | None) -> Predictor:
         from rankserve.learn.predictors import make_learned_predictor  # torch, on first use only
 
         return make_learned_predictor(name, labels, weights)

@@ -6,8 +6,9 @@ prompt-side length predictor and refines every running request's remaining lengt
 engine's hidden-state taps every K decode steps (TRAIL).
 
 Trained weights ship in ``rankserve/learn/weights``: ``<kind>-served`` (trained on the served
-model's own lengths; what the server uses) and ``<kind>-reference`` (ShareGPT reply lengths; what
-GPU-scale simulations use).
+model's own lengths) and ``<kind>-reference`` (ShareGPT reply lengths). ``default_weights`` picks
+``ranker-reference`` for the ranker (it ranks both kinds of lengths better) and the served
+weights of the other kinds (the only ones shipped).
 """
 
 from __future__ import annotations
@@ -22,15 +23,22 @@ from typing import Any
 import torch
 
 from rankserve.core.request import Request
-from rankserve.learn import LEARNED_NAMES
+from rankserve.learn import LEARNED_NAMES, TEXT_MODEL_KINDS
+from rankserve.learn.text_model import TextLengthModel, inference_dtype, torch_threads
 from rankserve.predict.base import Predictor
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
 
-def default_weights(kind: str, labels: str = "served") -> Path:
-    """The shipped weights of one predictor kind (``labels``: served or reference)."""
-    return WEIGHTS_DIR / f"{kind}-{labels}.safetensors"
+# The ranker trained on ShareGPT's reply lengths ranks the served model's own lengths better than the
+# one trained on them (tau 0.186 vs 0.157 on the served test split, 0.437 vs 0.222 on the reference
+# one; docs/PREDICTORS.md section 5), so it is the default. The other kinds ship only served weights.
+DEFAULT_LABELS = {"ranker": "reference"}
+
+
+def default_weights(kind: str, labels: str | None = None) -> Path:
+    """The shipped weights of one predictor kind (``labels``: served, reference, or None: the default)."""
+    return WEIGHTS_DIR / f"{kind}-{labels or DEFAULT_LABELS.get(kind, 'served')}.safetensors"
 
 
 def _text_of(req: Request) -> str:
@@ -42,13 +50,18 @@ def _text_of(req: Request) -> str:
 class TextModelPredictor(Predictor):
     """A MiniLM-based ranker, bucket classifier or regressor over the prompt text. Predictions of
     recently seen prompts are kept (up to ``cache_size``, by a digest of the text): the same prompt
-    always gets the same prediction, and simulations and chat servers see prompts again."""
+    always gets the same prediction, and simulations and chat servers see prompts again.
 
-    def __init__(self, path: str | Path, cache_size: int = 65_536) -> None:
-        from rankserve.learn.text_model import TextLengthModel
+    Scoring runs in ``precision`` (``auto``: bfloat16 where the CPU has it) on ``threads`` torch
+    threads of the caller (None: the caller's setting). One thread is the measured default: the
+    encoder shares the CPU with the served model, and on 2 busy cores one bfloat16 thread scored
+    faster than two (docs/PREDICTORS.md, section 4)."""
 
+    def __init__(self, path: str | Path, cache_size: int = 65_536, precision: str = "auto",
+                 threads: int | None = 1) -> None:
         self.path = Path(path)
-        self.model = TextLengthModel.load(self.path)
+        self.model = TextLengthModel.load(self.path, inference_dtype(precision))
+        self.threads = threads
         self.name = self.model.config.kind
         self.gives_lengths = self.model.config.kind != "ranker"
         self.cache_size = cache_size
@@ -56,6 +69,13 @@ class TextModelPredictor(Predictor):
         self.num_scored = 0
         self.num_cache_hits = 0
         self.score_time_s = 0.0
+        # Set by a LengthRecorder: keep each scored prompt's frozen-layer output until it is taken.
+        self.capture_bottoms = False
+        self._bottoms: dict[int, torch.Tensor] = {}
+
+    def take_bottom(self, req: Request) -> torch.Tensor | None:
+        """The frozen-layer output kept when ``req`` was scored (None: not kept, e.g. a cache hit)."""
+        return self._bottoms.pop(req.seq, None)
 
     def score(self, requests: Sequence[Request]) -> None:
         if not requests:
@@ -64,9 +84,13 @@ class TextModelPredictor(Predictor):
         keys = [hashlib.blake2b(_text_of(r).encode(), digest_size=16).digest() for r in requests]
         missing = list({k: r for k, r in zip(keys, requests) if k not in self._cache}.items())
         if missing:
-            scores, lengths = self.model.predict_texts([_text_of(r) for _, r in missing])
-            for i, (key, _) in enumerate(missing):
+            with torch_threads(self.threads):
+                scores, lengths, bottoms = self.model.score_texts([_text_of(r) for _, r in missing],
+                                                                  keep_bottoms=self.capture_bottoms)
+            for i, (key, req) in enumerate(missing):
                 self._cache[key] = (float(scores[i]), None if lengths is None else float(lengths[i]))
+                if bottoms is not None:
+                    self._bottoms[req.seq] = bottoms[i]
         for key, req in zip(keys, requests):
             self._cache.move_to_end(key)
             req.set_prediction(*self._cache[key])
@@ -77,7 +101,8 @@ class TextModelPredictor(Predictor):
         self.score_time_s += time.perf_counter() - started
 
     def report(self) -> dict[str, Any]:
-        return {"predictor": self.name, "weights": self.path.name, "prompts_scored": self.num_scored,
+        return {"predictor": self.name, "weights": self.path.name, "dtype": str(self.model.dtype).removeprefix("torch."),
+                "threads": self.threads, "prompts_scored": self.num_scored,
                 "cache_hits": self.num_cache_hits, "score_time_s": round(self.score_time_s, 3)}
 
 
@@ -147,14 +172,14 @@ class ProbePredictor(Predictor):
                 "refinements": self.num_refinements, "refine_time_s": round(self.refine_time_s, 3)}
 
 
-def make_learned_predictor(name: str, labels: str = "served", weights: str | Path | None = None) -> Predictor:
+def make_learned_predictor(name: str, labels: str | None = None, weights: str | Path | None = None) -> Predictor:
     """``ranker`` / ``classifier`` / ``regressor`` from their shipped (or given) weights; ``probe``
     refines the classifier's lengths."""
-    if name in ("ranker", "classifier", "regressor"):
+    if name in TEXT_MODEL_KINDS:
         return TextModelPredictor(weights or _require(default_weights(name, labels)))
     if name == "probe":
-        prompt_side = TextModelPredictor(_require(default_weights("classifier", labels)))
-        return ProbePredictor(weights or _require(default_weights("probe", "served")), prompt_side)
+        prompt_side = TextModelPredictor(_require(default_weights("classifier", labels)))  # served only
+        return ProbePredictor(weights or _require(default_weights("probe")), prompt_side)
     raise ValueError(f"unknown learned predictor {name!r} (choose from {', '.join(LEARNED_NAMES)})")
 
 

@@ -11,6 +11,7 @@ import torch
 
 from rankserve.learn.datasets import LabelData
 from rankserve.learn.evaluate import kendall_tau, mean_abs_error
+from rankserve.learn.records import FeatureSpec, read_records
 from rankserve.learn.text_model import TextLengthModel, TextModelConfig, TrainConfig, train_text_model
 
 
@@ -32,6 +33,38 @@ def train_text_predictor(data: LabelData, model_config: TextModelConfig, train_c
         "encode_s": round(encode_s, 1),
         "train_s": round(train_s, 1),
         **measure(model, data),
+    }
+    model.save(out, extra={"trained_on": record})
+    return record
+
+
+def train_from_records(records_path: str | Path, base: str | Path, train_config: TrainConfig, out: str | Path,
+                       max_records: int | None = None, progress: bool = True) -> dict:
+    """Fine-tune the ranker ``base`` on served traffic recorded by ``rankserve serve --record-lengths``
+    (its first ``max_records`` records). A request cut at max_tokens gives a lower bound on its
+    length, not the length: it is censored (``listmle_loss``), never taken as ending at the cap."""
+    records = read_records(records_path, max_records)
+    model = TextLengthModel.load(base)
+    if model.config.kind != "ranker":
+        raise ValueError(f"{base} is a {model.config.kind}; served records fine-tune a ranker")
+    if FeatureSpec.of(model) != records.spec:
+        raise ValueError(f"{records_path} holds features for {records.spec}, {base} needs {FeatureSpec.of(model)}: "
+                         "record with that ranker serving (--predictor-weights)")
+    if records.observed.sum() < 2:
+        raise ValueError(f"{records_path} has {int(records.observed.sum())} requests that finished by themselves; "
+                         "fine-tuning needs at least 2")
+    started = time.perf_counter()
+    history = train_text_model(model, records.features, records.output_tokens, train_config, progress=progress,
+                               observed=records.observed)
+    record = {
+        "labels": f"served records ({Path(records_path).name})",
+        "fine_tuned_from": Path(base).name,
+        "num_train": len(records.features),
+        "share_cut_at_max_tokens": round(float(1 - records.observed.mean()), 4),
+        "model": asdict(model.config),
+        "train": asdict(train_config),
+        "loss_per_epoch": history,
+        "train_s": round(time.perf_counter() - started, 1),
     }
     model.save(out, extra={"trained_on": record})
     return record
@@ -59,11 +92,12 @@ def baseline_rows(data: LabelData) -> list[dict]:
     return rows
 
 
-def evaluate_saved(data: LabelData, paths: Sequence[str | Path]) -> list[dict]:
+def evaluate_saved(data: LabelData, paths: Sequence[str | Path], dtype: torch.dtype = torch.float32) -> list[dict]:
+    """Baselines, then each saved model scoring in ``dtype``."""
     rows = baseline_rows(data)
     for path in paths:
-        model = TextLengthModel.load(path)
-        rows.append({"predictor": Path(path).stem, **measure(model, data)})
+        model = TextLengthModel.load(path, dtype)
+        rows.append({"predictor": Path(path).stem, "dtype": str(dtype).removeprefix("torch."), **measure(model, data)})
     return rows
 
 

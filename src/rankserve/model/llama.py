@@ -24,22 +24,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from rankserve.model.shape import ModelShape
+
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
 
 
 @dataclass(frozen=True)
-class LlamaConfig:
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
+class LlamaConfig(ModelShape):
+    """The shape (parameter and KV-byte arithmetic in ``ModelShape``) plus what the forward needs."""
+
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None  # {"rope_type": "llama3" | "linear" | "default", ...}
-    tie_word_embeddings: bool = False
     max_position_embeddings: int = 4096
     model_type: str = "llama"
 
@@ -81,17 +77,6 @@ class LlamaConfig:
     @classmethod
     def from_dir(cls, path: str | Path) -> LlamaConfig:
         return cls.from_hf(json.loads((Path(path) / "config.json").read_text()))
-
-    @property
-    def num_linear_params(self) -> int:
-        """Parameters of the linear layers (the LM head included, even when tied)."""
-        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        per_layer = self.hidden_size * (2 * q + 2 * kv) + 3 * self.hidden_size * self.intermediate_size
-        return self.num_layers * per_layer + self.vocab_size * self.hidden_size
-
-    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * itemsize
 
 
 def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
@@ -170,7 +155,8 @@ def _onednn_weight(weight: torch.Tensor, rows_hint: int = 1) -> torch.Tensor | N
         return None
 
 
-# From this many input rows a bf16 linear runs on its fp32 copy (when the model keeps one).
+# From this many input rows a bf16 linear runs on its fp32 copy (when the model keeps one), until
+# a measured choice replaces it (rankserve.model.kernels).
 FP32_GEMM_MIN_ROWS = 32
 # A bf16 model keeps fp32 copies of its linear weights only while they take at most this much.
 FP32_COPY_MAX_BYTES = 2 << 30
@@ -181,29 +167,38 @@ class _Linear:
     oneDNN (as torch.compile's freezing does): bitwise the same result as ``F.linear``, about
     1.3-2x faster at decode batch sizes, where ``F.linear`` spends its time re-laying-out the weight.
 
-    A bf16 weight may also keep a prepacked fp32 copy, used for inputs of ``FP32_GEMM_MIN_ROWS``
-    rows or more: on AVX-512 CPUs without AMX a bf16 dot product runs at the fp32 FMA rate, and
-    oneDNN's fp32 GEMM is 1.2-1.6x faster there than its bf16 one (docs/ENGINE.md); below that,
-    reading half the bytes of the bf16 copy wins. The input is cast to the copy's dtype where it
-    differs (the model keeps its activations in fp32 for such steps, so layers need no casts)."""
+    A bf16 weight may also keep a prepacked fp32 copy, used for inputs of ``fp32_min_rows`` rows
+    or more: on AVX-512 CPUs without AMX a bf16 dot product runs at the fp32 FMA rate, and oneDNN's
+    fp32 GEMM is 1.2-1.6x faster there than its bf16 one (docs/ENGINE.md); below that, reading half
+    the bytes of the bf16 copy wins. The input is cast to the copy's dtype where it differs (the
+    model keeps its activations in fp32 for such steps, so layers need no casts)."""
 
-    __slots__ = ("bias", "bias32", "packed", "packed32", "weight")
+    __slots__ = ("bias", "bias32", "fp32_min_rows", "in_features", "packed", "packed32", "weight")
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, prepack: bool, fp32_copy: bool = False) -> None:
         self.bias = bias
+        self.in_features = weight.shape[1]
         self.packed = _onednn_weight(weight) if prepack else None
         self.weight = weight if self.packed is None else None  # the packed copy replaces it
         self.packed32 = None
         if self.packed is not None and fp32_copy and weight.dtype == torch.bfloat16:
             self.packed32 = _onednn_weight(weight.float(), rows_hint=64)
         self.bias32 = None if bias is None or self.packed32 is None else bias.float()
+        self.fp32_min_rows = FP32_GEMM_MIN_ROWS
 
     @property
     def has_fp32_copy(self) -> bool:
         return self.packed32 is not None
 
+    def drop_fp32_copy(self) -> None:
+        self.packed32 = self.bias32 = None
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed32 is not None and x.shape[0] >= FP32_GEMM_MIN_ROWS:
+        return self.run(x, self.packed32 is not None and x.shape[0] >= self.fp32_min_rows)
+
+    def run(self, x: torch.Tensor, on_fp32_copy: bool) -> torch.Tensor:
+        """The linear on the fp32 copy or on the model-dtype weight (the kernel tuner times both)."""
+        if on_fp32_copy:
             y = torch.ops.mkldnn._linear_pointwise(x.float(), self.packed32, self.bias32, "none", [], "")
             return y.to(x.dtype)
         if self.packed is not None:
@@ -239,10 +234,62 @@ def length_groups(lengths: Sequence[int], group_cost: float) -> list[list[int]]:
 
 
 @dataclass
-class _DecodeGroup:
+class DecodeGroup:
     rows: torch.Tensor  # the group's sequences' rows in the step's token batch
-    blocks: torch.Tensor  # their block rows of one layer's pool, [KV * B * max_blocks], padded
+    blocks: torch.Tensor  # their K block rows of one layer's pool, then their V block rows, padded
     mask: torch.Tensor  # [B, 1, 1, max_blocks * block_size]: True where a real token is
+
+
+def _gather_group(kv_layer: torch.Tensor, g: DecodeGroup) -> tuple[torch.Tensor, torch.Tensor]:
+    """The group's K and V, [B, KV, ctx, D] each (views of one gather: one call for both)."""
+    _, kv_heads, num_blocks, bs, d = kv_layer.shape
+    kv = kv_layer.view(2 * kv_heads * num_blocks, bs * d).index_select(0, g.blocks)
+    kv = kv.view(2, kv_heads, len(g.rows), -1, d).transpose(1, 2)
+    return kv[0], kv[1]
+
+
+def decode_attention_flash(q: torch.Tensor, kv_layer: torch.Tensor, g: DecodeGroup) -> torch.Tensor:
+    """Torch's flash kernel over the group's gathered blocks. ``q`` [B, KV, G, D]: a KV head's G
+    query heads are G query rows against its keys. Returns [B, KV, G, D]."""
+    k, v = _gather_group(kv_layer, g)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=g.mask)
+
+
+def decode_attention_matmul(q: torch.Tensor, kv_layer: torch.Tensor, g: DecodeGroup) -> torch.Tensor:
+    """Two batched matmuls and a float32 softmax over the gathered blocks (the scores come out of
+    the matmul in the model's dtype): the alternative to the flash kernel for one query row per
+    head; which is faster depends on the CPU (``rankserve.model.kernels`` times both)."""
+    k, v = _gather_group(kv_layer, g)
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
+    probs = scores.masked_fill(~g.mask, float("-inf")).softmax(-1)
+    return torch.matmul(probs.to(v.dtype), v)
+
+
+# Decode attention kernels by name; the first is the default where nothing was measured.
+DECODE_ATTENTION = {"flash": decode_attention_flash, "matmul": decode_attention_matmul}
+
+
+@dataclass(frozen=True)
+class KernelChoice:
+    """The kernel paths a model runs. ``fp32_gemm_min_rows``: a bf16 model's linears run on fp32
+    copies of their weights from this many input rows up (None: never; the copies are dropped).
+    ``decode_attention``: a key of ``DECODE_ATTENTION``. ``source``: how the choice was made
+    ("default", "measured", "cached" or "forced")."""
+
+    fp32_gemm_min_rows: int | None
+    decode_attention: str
+    source: str = "default"
+
+    @property
+    def gemm(self) -> str:
+        """The GEMM path in one word: "native" (the model's dtype at every row count), "fp32" (fp32
+        copies at every row count) or "fp32>=N"."""
+        if self.fp32_gemm_min_rows is None:
+            return "native"
+        return "fp32" if self.fp32_gemm_min_rows <= 1 else f"fp32>={self.fp32_gemm_min_rows}"
+
+    def labels(self) -> dict[str, str]:
+        return {"gemm": self.gemm, "decode_attention": self.decode_attention, "source": self.source}
 
 
 class _Layer:
@@ -311,6 +358,26 @@ class LlamaModel:
             layer.down = linear(w(m + "down_proj.weight"), None)
             self.layers.append(layer)
         self.inv_freq = rope_inv_freq(cfg).to(self.device)
+        self.kernels = KernelChoice(FP32_GEMM_MIN_ROWS if self.lm_head.has_fp32_copy else None, "flash")
+
+    @property
+    def linears(self) -> list[_Linear]:
+        return [lin for layer in self.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)] + [self.lm_head]
+
+    def use_kernels(self, choice: KernelChoice) -> None:
+        """Run ``choice``'s paths from now on. A choice of no fp32 GEMM drops the fp32 weight
+        copies (their memory is freed); one that wants them needs a model built with them."""
+        if choice.decode_attention not in DECODE_ATTENTION:
+            raise ValueError(f"unknown decode attention '{choice.decode_attention}' "
+                             f"(known: {', '.join(DECODE_ATTENTION)})")
+        if choice.fp32_gemm_min_rows is not None and not self.lm_head.has_fp32_copy:
+            raise ValueError("fp32 GEMM needs a bf16 model on the CPU built with fp32 weight copies")
+        for lin in self.linears:
+            if choice.fp32_gemm_min_rows is None:
+                lin.drop_fp32_copy()
+            else:
+                lin.fp32_min_rows = choice.fp32_gemm_min_rows
+        self.kernels = choice
 
     # ---- construction ----------------------------------------------------------------------
     @classmethod
@@ -408,15 +475,15 @@ class LlamaModel:
         # gathers its sequences' whole blocks, padded to its longest (padding masked out).
         dec_ctx = [len(ctx_slots[i]) for i in dec]
         dec_blocks = [-(-c // bs) for c in dec_ctx]
-        dec_groups: list[_DecodeGroup] = []
+        dec_groups: list[DecodeGroup] = []
         for members in length_groups(dec_blocks, DECODE_GROUP_COST_BLOCKS):
             max_blocks = max(dec_blocks[j] for j in members)
             tables = torch.zeros(len(members), max_blocks, dtype=torch.long)
             for row, j in enumerate(members):
                 tables[row, : dec_blocks[j]] = torch.as_tensor(list(seqs[dec[j]].block_table)[: dec_blocks[j]])
-            blocks = (torch.arange(KV)[:, None] * num_blocks + tables.flatten()[None, :]).flatten()
+            blocks = (torch.arange(2 * KV)[:, None] * num_blocks + tables.flatten()[None, :]).flatten()  # K, then V
             valid = torch.arange(max_blocks * bs)[None, :] < torch.tensor([dec_ctx[j] for j in members])[:, None]
-            dec_groups.append(_DecodeGroup(
+            dec_groups.append(DecodeGroup(
                 rows=torch.tensor([starts[dec[j]] for j in members], dtype=torch.long, device=dev),
                 blocks=blocks.to(dev),
                 mask=valid.to(dev)[:, None, None, :],  # [B, 1, 1, ctx]: True = attend
@@ -439,7 +506,9 @@ class LlamaModel:
         T = len(ids)
         # Activations (prefill attention included) in fp32 where the linears run on their fp32
         # copies (see _Linear); the KV cache and decode attention stay in the model's dtype.
-        act = torch.float32 if self.lm_head.has_fp32_copy and T >= FP32_GEMM_MIN_ROWS else self.dtype
+        min_rows = self.kernels.fp32_gemm_min_rows
+        act = torch.float32 if self.lm_head.has_fp32_copy and min_rows is not None and T >= min_rows else self.dtype
+        decode_attention = DECODE_ATTENTION[self.kernels.decode_attention]
 
         x = self.embed[ids_t].to(act)
         last_rows = torch.tensor([starts[i + 1] - 1 for i in range(len(seqs))], device=dev)
@@ -473,11 +542,7 @@ class LlamaModel:
                 attn[a:b] = o[0].transpose(0, 1)
             for g in dec_groups:
                 B = len(g.rows)
-                kc = kv_cache[li, 0].view(KV * num_blocks, bs * D).index_select(0, g.blocks).view(KV, B, -1, D)
-                vc = kv_cache[li, 1].view(KV * num_blocks, bs * D).index_select(0, g.blocks).view(KV, B, -1, D)
-                # A KV head's G query heads are G query rows against its keys: [B, KV, G, D].
-                qd = q[g.rows].to(self.dtype).view(B, KV, G, D)
-                o = F.scaled_dot_product_attention(qd, kc.transpose(0, 1), vc.transpose(0, 1), attn_mask=g.mask)
+                o = decode_attention(q[g.rows].to(self.dtype).view(B, KV, G, D), kv_cache[li], g)
                 attn[g.rows] = o.reshape(B, H, D).to(act)
 
             x = x + layer.o(attn.view(T, H * D))

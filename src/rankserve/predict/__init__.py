@@ -17,7 +17,7 @@ from rankserve.predict.oracle import NoisyOraclePredictor, OraclePredictor, Prom
 BUILTIN_NAMES = ("oracle", "noisy", "prompt-len")
 
 #: name -> factory(labels, weights) of the predictors that read the prompt text through a trained model.
-LearnedFactory = Callable[[str, "str | Path | None"], Predictor]
+LearnedFactory = Callable[["str | None", "str | Path | None"], Predictor]
 _learned: dict[str, LearnedFactory] = {}
 
 
@@ -42,11 +42,11 @@ def make_predictor(
     target_tau: float | None = None,
     seed: int = 0,
     calibration_lengths: Sequence[int] | None = None,
-    labels: str = "served",
+    labels: str | None = None,
     weights: str | Path | None = None,
 ) -> Predictor:
     """Build a predictor by name. ``noisy`` needs ``target_tau``. Learned predictors load their
-    shipped weights trained on ``labels`` (served or reference), or ``weights``."""
+    shipped weights trained on ``labels`` (served, reference, or None: the kind's default), or ``weights``."""
     if name == "oracle":
         return OraclePredictor()
     if name == "prompt-len":

@@ -20,6 +20,8 @@ passed in) and knows nothing of HTTP. Interface::
     load.kv_capacity_tokens  None when unknown
     load.kv_usage            held / capacity (None when the capacity is unknown)
     load.can_fit(tokens)     whether the predicted demand plus ``tokens`` stays within the capacity
+    load.expected_latency(prompt_tokens, predicted_output_tokens)
+                             seconds a new request would take here, from ``decode_step_s`` (None without it)
 
 Outstanding work of one in-flight request, in tokens (decode tokens are the unit):
 ``prefill_weight x prompt tokens`` until its first token comes back, plus its predicted remaining
@@ -32,6 +34,14 @@ prediction the request counts ``default_output_tokens``.
 
 Sums are kept incrementally, so each event costs O(1).
 
+Expected latency of a new request (when the replica's step time is known, ``decode_step_s(batch,
+kv_tokens)``: the cost model in simulation): its work ``w`` (prefill-weighted prompt + predicted
+output, as above) runs one token per step, beside the requests in flight; one with ``r`` tokens of
+work left shares ``min(r, w)`` of those steps, so the batch over the new request's life averages
+``1 + min(n, W / w)`` for ``n`` requests holding ``W`` of work (an upper bound on ``sum min(r_i, w)
+/ w`` that needs only the sums). The latency is ``w`` steps at that batch. It reads the replica's
+own speed curve, so a faster replica or one whose requests end sooner looks better.
+
 A ranker gives a score, not a length. :class:`ScoreLengths` turns scores into expected output
 lengths from what the router itself sees finish::
 
@@ -42,6 +52,7 @@ lengths from what the router itself sees finish::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -97,6 +108,7 @@ class ReplicaLoad:
         kv_capacity_tokens: int | None = None,
         overrun_factor: float = 0.5,
         default_output_tokens: float = 256.0,
+        decode_step_s: Callable[[int, float], float] | None = None,
     ) -> None:
         if prefill_weight < 0 or overrun_factor < 0 or default_output_tokens < 0:
             raise ValueError("prefill_weight, overrun_factor and default_output_tokens must be >= 0")
@@ -110,6 +122,7 @@ class ReplicaLoad:
         self.overrun_factor = overrun_factor
         self.default_output_tokens = default_output_tokens
         self.kv_capacity_tokens = kv_capacity_tokens
+        self.decode_step_s = decode_step_s  # seconds of a decode step at (batch, KV tokens); None: unknown
         self.healthy = True
         self.last_event_time: float | None = None  # of the latest event: a live router can spot a silent backend
         self.num_sent = 0
@@ -209,6 +222,17 @@ class ReplicaLoad:
         """The work a new request would add here (same pricing as an in-flight one)."""
         predicted = self.default_output_tokens if predicted_output_tokens is None else predicted_output_tokens
         return self.prefill_weight * prompt_tokens + max(predicted, 0.0)
+
+    def expected_latency(self, prompt_tokens: int, predicted_output_tokens: float | None) -> float | None:
+        """Seconds a new request would take here (see the module docstring); None when the
+        replica's step time is unknown."""
+        if self.decode_step_s is None:
+            return None
+        work = max(self.request_work(prompt_tokens, predicted_output_tokens), 1.0)
+        n = len(self._requests)
+        batch = 1.0 + min(n, self.outstanding_work / work)
+        context = self.kv_held_tokens / n if n else 0.0
+        return work * self.decode_step_s(round(batch), batch * context + prompt_tokens)
 
     def in_flight_ids(self) -> list[str]:
         return list(self._requests)

@@ -19,7 +19,9 @@ Ties go to the replica after the one chosen last, so equal replicas take turns.
 - ``least-kv``: lowest KV-cache usage (reported by the backend, or estimated from what it was sent);
 - ``sal``: least predicted outstanding work after adding this request, in seconds at the
   replica's speed (``(outstanding_work + request_work) / speed``); memory-aware: replicas whose KV
-  cache cannot take the request's predicted footprint are skipped while another can.
+  cache cannot take the request's predicted footprint are skipped while another can. With
+  ``estimate="latency"`` it picks the least expected latency of the request itself, from each
+  replica's step-time curve (``ReplicaLoad.expected_latency``; work / speed where it is unknown).
 """
 
 from __future__ import annotations
@@ -134,10 +136,16 @@ class SAL(Router):
     name = "sal"
     needs_prediction = True
 
-    def __init__(self, seed: int = 0, memory_aware: bool = True, speed_aware: bool = True) -> None:
+    ESTIMATES = ("work", "latency")
+
+    def __init__(self, seed: int = 0, memory_aware: bool = True, speed_aware: bool = True,
+                 estimate: str = "work") -> None:
         super().__init__(seed)
+        if estimate not in self.ESTIMATES:
+            raise ValueError(f"estimate must be one of {', '.join(self.ESTIMATES)}, got {estimate!r}")
         self.memory_aware = memory_aware
         self.speed_aware = speed_aware
+        self.estimate = estimate
 
     def _pick(self, request, replicas, healthy):
         candidates = healthy
@@ -147,6 +155,10 @@ class SAL(Router):
 
         def finish_time(i: int) -> float:
             r = replicas[i]
+            if self.estimate == "latency":
+                latency = r.expected_latency(request.prompt_tokens, request.predicted_output_tokens)
+                if latency is not None:
+                    return latency
             work = r.outstanding_work + r.request_work(request.prompt_tokens, request.predicted_output_tokens)
             return work / r.speed if self.speed_aware else work
 

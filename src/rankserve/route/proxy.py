@@ -26,7 +26,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import anyio
 import httpx
@@ -88,14 +88,18 @@ class Prepared:
     payload: bytes
     route: RouteRequest
     stream: bool
-    score: float | None = None  # the rank score (None: scoring failed or was off)
+    # The score whose finished length should teach ``lengths`` (None: the predictor gave a length,
+    # or there is no score): pass it to ``learn_length`` when the request completes.
+    length_score: float | None = None
 
 
 async def prepare_request(raw: bytes, chat: bool, scorer: PromptScorer, mode: str,
                           xargs_key: str = DEFAULT_XARGS_KEY, priority_scale: float = DEFAULT_PRIORITY_SCALE,
-                          bound_by_max_tokens: bool = True) -> Prepared | JSONResponse:
+                          bound_by_max_tokens: bool = True, lengths: ScoreLengths | None = None
+                          ) -> Prepared | JSONResponse:
     """Parse and score a completion (``chat`` False) or chat request body; a 400 answer if it is
-    not one."""
+    not one. A score without a length (the ranker) gets the length ``lengths`` learned for its
+    score, when ``lengths`` is given."""
     try:
         body = json.loads(raw)
     except ValueError:
@@ -108,9 +112,18 @@ async def prepare_request(raw: bytes, chat: bool, scorer: PromptScorer, mode: st
         return openai_error(400, str(exc), param="messages" if chat else "prompt")
     scored = await scorer.score(prompt)
     payload = json.dumps(mark_score(body, mode, scored.score, scored.predicted_len, xargs_key, priority_scale))
-    route = RouteRequest(scored.prompt_tokens, scored.predicted_len,
-                         max_tokens_of(chat, body) if bound_by_max_tokens else None)
-    return Prepared(payload.encode(), route, body.get("stream") is True, scored.score)
+    predicted, length_score = scored.predicted_len, None
+    if predicted is None and scored.score is not None and lengths is not None:
+        predicted, length_score = lengths.predict(scored.score), scored.score
+    route = RouteRequest(scored.prompt_tokens, predicted, max_tokens_of(chat, body) if bound_by_max_tokens else None)
+    return Prepared(payload.encode(), route, body.get("stream") is True, length_score)
+
+
+def learn_length(lengths: ScoreLengths, score: float | None, output_tokens: int | None) -> None:
+    """A request prepared with ``length_score`` ``score`` (None: nothing to learn) completed with
+    ``output_tokens``: the one rule by which the live router and Ray Serve's ingress learn lengths."""
+    if score is not None and output_tokens is not None:
+        lengths.observe(score, output_tokens)
 
 
 async def _until_disconnect(receive: Callable[[], Awaitable[dict]], work: Awaitable[Response]) -> Response:
@@ -202,14 +215,10 @@ class RoutingProxy:
     async def forward(self, http: HTTPRequest, path: str, chat: bool) -> Response:
         cfg = self.config
         prepared = await prepare_request(await http.body(), chat, self.scorer, cfg.mode, cfg.xargs_key,
-                                         cfg.priority_scale, cfg.bound_by_max_tokens)
+                                         cfg.priority_scale, cfg.bound_by_max_tokens, self.lengths)
         if isinstance(prepared, Response):
             return prepared
-        payload, info, stream = prepared.payload, prepared.route, prepared.stream
-        # the score whose finished length teaches self.lengths (None: the predictor gave a length)
-        length_score = prepared.score if info.predicted_output_tokens is None else None
-        if length_score is not None:
-            info = replace(info, predicted_output_tokens=self.lengths.predict(length_score))
+        payload, info, stream, length_score = prepared.payload, prepared.route, prepared.stream, prepared.length_score
         headers = {"content-type": "application/json", "accept-encoding": "identity"}
         if "authorization" in http.headers:
             headers["authorization"] = http.headers["authorization"]
@@ -244,9 +253,7 @@ class RoutingProxy:
         self.metrics.errors.labels(backend=backend.name, kind=kind).inc()
 
     def learn_length(self, score: float | None, output_tokens: int | None) -> None:
-        """A request with rank ``score`` (None: nothing to learn) completed with ``output_tokens``."""
-        if score is not None and output_tokens is not None:
-            self.lengths.observe(score, output_tokens)
+        learn_length(self.lengths, score, output_tokens)
 
     async def _exchange(self, backend: Backend, request_id: str, path: str, payload: bytes, headers: dict,
                         stream: bool, length_score: float | None = None) -> Response:

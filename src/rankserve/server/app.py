@@ -109,12 +109,16 @@ def _finish_reason(reason: FinishReason | None, stopped_by_text: bool) -> str | 
     return "abort" if reason is FinishReason.ABORT else None
 
 
-def build_app(config: ServerConfig, tokenizer: TextTokenizer | None, engine: AsyncEngine | None = None) -> FastAPI:
+def build_app(config: ServerConfig, tokenizer: TextTokenizer | None, engine: AsyncEngine | None = None,
+              kernels: dict[str, str] | None = None) -> FastAPI:
     """The app; ``app.state.tokenizer`` and then ``app.state.engine`` may be set later (503 until
-    the engine is there, e.g. while the model loads)."""
+    the engine is there, e.g. while the model loads). ``kernels``: the kernel paths the engine's
+    model runs (``app.state.kernels``), shown in /metrics."""
     app = FastAPI(title="rankserve", version="0.1.0")
     app.state.tokenizer = tokenizer
     app.state.engine = engine
+    app.state.kernels = kernels or {}
+    app.state.recorder = None  # a LengthRecorder with --record-lengths (its counters go to /metrics)
     app.state.draining = False  # set on shutdown: refuse new requests, let the others finish
     app.state.in_flight = 0  # HTTP requests not answered in full (a stream: until its last event)
     app.add_middleware(_CountInFlight, state=app.state)
@@ -265,8 +269,9 @@ def build_app(config: ServerConfig, tokenizer: TextTokenizer | None, engine: Asy
     @app.get("/metrics")
     async def prometheus() -> Response:
         engine = app.state.engine
-        body = (metrics.render(engine.loop.core.scheduler, engine.loop.stats) if engine is not None
-                else metrics.render(None))
+        records = app.state.recorder.stats if app.state.recorder is not None else None
+        body = (metrics.render(engine.loop.core.scheduler, engine.loop.stats, app.state.kernels, records)
+                if engine is not None else metrics.render(None))
         return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/v1/models")

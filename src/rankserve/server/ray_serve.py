@@ -33,11 +33,12 @@ import rankserve.learn  # noqa: F401 - registers the learned predictors by name
 from rankserve.engine.build import EngineSettings, load_engine
 from rankserve.predict import make_predictor
 from rankserve.route.body import SCORE_MODES
+from rankserve.route.load import ScoreLengths
 from rankserve.route.policies import ROUTER_NAMES
-from rankserve.route.proxy import prepare_request
+from rankserve.route.proxy import learn_length, prepare_request
 from rankserve.route.ray_router import PolicyRequestRouter, route_fields
 from rankserve.route.scoring import PromptScorer, choose_predictor
-from rankserve.route.sse import output_tokens
+from rankserve.route.sse import completion_tokens, output_tokens
 
 MAX_ONGOING = 1024  # Serve's default (5) would queue at the handle what the engine should schedule
 
@@ -85,7 +86,7 @@ class EngineReplica:
         self.loaded = load_engine(settings)
         name = served_model_name or self.loaded.model_name
         config = ServerConfig(name, self.loaded.max_model_len, vocab_size=self.loaded.vocab_size)
-        self.app = build_app(config, self.loaded.tokenizer, self.loaded.engine)
+        self.app = build_app(config, self.loaded.tokenizer, self.loaded.engine, self.loaded.kernels)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.generated: dict[str, int] = {}  # route id -> output tokens streamed so far
 
@@ -133,9 +134,12 @@ class OpenAIIngress:
         self.engine = engine
         self.mode = mode
         self.scorer = PromptScorer(make_predictor(predictor) if predictor else None, token_counter(tokenizer))
+        # A ranker's scores become lengths as in ``rankserve route`` (this process also runs Serve's
+        # router for the engine handle, which reads them from each request's route fields).
+        self.lengths = ScoreLengths()
 
     async def _forward(self, http: HTTPRequest, path: str, chat: bool) -> Response:
-        prepared = await prepare_request(await http.body(), chat, self.scorer, self.mode)
+        prepared = await prepare_request(await http.body(), chat, self.scorer, self.mode, lengths=self.lengths)
         if isinstance(prepared, Response):
             return prepared
         request = {"path": path, "payload": prepared.payload, "route": route_fields(uuid.uuid4().hex, prepared.route)}
@@ -144,12 +148,17 @@ class OpenAIIngress:
         headers = {"x-rankserve-replica": head["replica"]}
         if not (prepared.stream and head["status"] == 200):
             body = b"".join([c["body"] async for c in chunks])
+            if head["status"] == 200:
+                learn_length(self.lengths, prepared.length_score, completion_tokens(body))
             return Response(body, status_code=head["status"], media_type=head["content_type"], headers=headers)
 
         async def relay() -> AsyncIterator[bytes]:
+            tokens = 0
             try:
                 async for chunk in chunks:
+                    tokens += output_tokens(chunk["body"])
                     yield chunk["body"]
+                learn_length(self.lengths, prepared.length_score, tokens)  # only a complete stream's length
             finally:
                 chunks.cancel()  # the client left: the replica's app sees the disconnect
 
@@ -189,7 +198,7 @@ def build_serve_app(replicas: int = 2, router: str = "sal", predictor: str = "au
         ray_actor_options={"num_cpus": num_cpus})
     ingress = serve.deployment(OpenAIIngress).options(max_ongoing_requests=MAX_ONGOING,
                                                       ray_actor_options={"num_cpus": 0})
-    settings = settings or EngineSettings(policy="ltr", predictor="ranker")  # rankserve serve's defaults
+    settings = settings or EngineSettings()  # rankserve serve's defaults
     return ingress.bind(engine.bind(settings), choose_predictor(predictor, router, mode), mode, tokenizer)
 
 

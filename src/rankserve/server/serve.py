@@ -9,11 +9,26 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import rankserve.learn  # noqa: F401 - registers the learned predictors (--predictor ranker, ...) by name
-from rankserve.engine.build import EngineSettings, load_engine
+from rankserve.engine.build import EngineSettings, LoadedEngine, load_engine
+
+if TYPE_CHECKING:
+    from rankserve.learn.records import LengthRecorder
 
 log = logging.getLogger(__name__)
+
+
+def attach_recorder(loaded: LoadedEngine, path: str | Path, keep_prompts: bool = False) -> LengthRecorder:
+    """``--record-lengths``: record every request the engine finishes into ``path``, for fine-tuning
+    the ranker (docs/PREDICTORS.md, section 5). Call before the engine gets requests."""
+    from rankserve.learn.records import LengthRecorder  # torch, loaded with the model
+
+    recorder = LengthRecorder.for_predictor(path, loaded.engine.loop.core.predictor, keep_prompts)
+    loaded.engine.loop.on_ended = recorder.record
+    return recorder
 
 
 _LAST_EVENTS_S = 10.0  # after the abort, for the aborted answers to go out (ms unless the host is swamped)
@@ -70,8 +85,10 @@ class _DrainingServer:
 
 
 def serve(settings: EngineSettings, host: str, port: int, api_key: str | None, max_queued: int,
-          served_model_name: str | None = None, shutdown_timeout: float = 10.0) -> None:
-    """Run the server until a signal drains it. Raises ModelLoadError if the model fails to load."""
+          served_model_name: str | None = None, shutdown_timeout: float = 10.0,
+          record_lengths: str | Path | None = None, record_prompts: bool = False) -> None:
+    """Run the server until a signal drains it. Raises ModelLoadError if the model fails to load.
+    ``record_lengths`` / ``record_prompts``: see ``attach_recorder``."""
     from rankserve.model.loader import load_model_dir
     from rankserve.server.app import ServerConfig, build_app
 
@@ -85,6 +102,8 @@ def serve(settings: EngineSettings, host: str, port: int, api_key: str | None, m
     def load() -> None:
         try:
             loaded = load_engine(settings)
+            if record_lengths is not None:
+                app.state.recorder = attach_recorder(loaded, record_lengths, record_prompts)
         except Exception as exc:  # noqa: BLE001 - reported by serve() once uvicorn has stopped
             log.exception("loading the model failed")
             failure.append(exc)
@@ -92,6 +111,7 @@ def serve(settings: EngineSettings, host: str, port: int, api_key: str | None, m
             return
         config.max_model_len, config.vocab_size = loaded.max_model_len, loaded.vocab_size
         app.state.tokenizer = loaded.tokenizer
+        app.state.kernels = loaded.kernels
         app.state.engine = loaded.engine
 
     threading.Thread(target=load, name="rankserve-load", daemon=True).start()
@@ -100,5 +120,7 @@ def serve(settings: EngineSettings, host: str, port: int, api_key: str | None, m
     finally:
         if app.state.engine is not None:
             app.state.engine.shutdown()
+        if app.state.recorder is not None:  # after the engine: the last requests' records too
+            app.state.recorder.close()
     if failure:
         raise ModelLoadError(f"loading the model failed: {failure[0]}") from failure[0]

@@ -170,7 +170,7 @@ def calibrate(make_core: Callable[[int], EngineCore], plan: CalibrationPlan, *, 
     log(f"sweep: {len(plan.batches)} batch sizes x {len(plan.contexts)} contexts, {len(steps)} steps in all, "
         f"{time.perf_counter() - start:.0f} s so far")
     blocks = core.scheduler.blocks
-    kv_bytes = core.executor.model.cfg.kv_bytes_per_token(getattr(torch, dtype))
+    kv_bytes = core.executor.model.cfg.kv_bytes_per_token(getattr(torch, dtype).itemsize)
     fitted_on = machine_record(dtype) | {"model": model_name}
     model = LinearCostModel(**fit_coefficients(steps), name=name,
                             kv_capacity_tokens=blocks.device.num_blocks * blocks.block_size,

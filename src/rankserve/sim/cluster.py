@@ -80,6 +80,15 @@ def relative_speeds(cost_models: Sequence[CostModel]) -> list[float]:
     return [r / max(rates) for r in rates]
 
 
+def _decode_step(cost: CostModel) -> Callable[[int, float], float]:
+    """The cost model's seconds per decode step of ``batch`` sequences holding ``kv`` tokens."""
+
+    def step(batch: int, kv: float) -> float:
+        return cost.step_time(0, batch, int(kv), int(kv), batch)
+
+    return step
+
+
 class _RouterScored(Predictor):
     """The engine's view of a predictor whose scores the router already set on each request."""
 
@@ -111,6 +120,13 @@ class _Replica:
         self.stepping = False
         self._last: tuple[SchedulerOutput, list[Request]] | None = None
         self.max_in_flight = 0
+        # What the replica went through, weighted by step time: the batch it ran, whether requests
+        # waited in its queue meanwhile, and its peak KV usage (for the report: why routing pays or not).
+        self.batch_seconds = 0.0
+        self.queued_seconds = 0.0
+        self.max_batch = 0
+        self.max_queued = 0
+        self.peak_kv_usage = 0.0
 
     def add(self, req: Request) -> None:
         self.requests.append(req)
@@ -125,7 +141,13 @@ class _Replica:
                                f"{self.scheduler.num_queued} queued and {len(self.scheduler.running)} running")
         self._last = (out, finished)
         self.stepping = True
-        return self.clock.now()
+        end = self.clock.now()
+        queued = self.scheduler.num_queued
+        self.batch_seconds += len(out.requests) * (end - now)
+        self.queued_seconds += (end - now) if queued else 0.0
+        self.max_batch = max(self.max_batch, len(out.requests))
+        self.max_queued = max(self.max_queued, queued)
+        return end
 
     def end_step(self, lengths: ScoreLengths) -> None:
         """Tell the tracker (and the router's length calibration) what the step streamed back."""
@@ -139,7 +161,9 @@ class _Replica:
             load.on_finish(req.request_id, now)
             if req.score is not None:
                 lengths.observe(req.score, req.num_output_tokens)
-        load.set_kv((self.blocks.device.num_blocks - self.blocks.num_free_device_blocks) * self.block_size)
+        used = (self.blocks.device.num_blocks - self.blocks.num_free_device_blocks) * self.block_size
+        load.set_kv(used)
+        self.peak_kv_usage = max(self.peak_kv_usage, used / (self.blocks.device.num_blocks * self.block_size))
         self._last = None
         self.stepping = False
 
@@ -173,7 +197,7 @@ def simulate_cluster(
         device_blocks = max(1, min(cost.kv_capacity_tokens() // block_size, workload_blocks))
         host_blocks = min(cost.host_capacity_tokens() // block_size, workload_blocks)
         load = ReplicaLoad(f"r{k}", speed=speed, kv_capacity_tokens=device_blocks * block_size,
-                           **(tracker_params or {}))
+                           decode_step_s=_decode_step(cost), **(tracker_params or {}))
         policy = make_policy(cost)
         engine_predictor = _RouterScored(predictor) if predictor is not None and policy.needs_prediction else None
         replicas.append(_Replica(f"r{k}:{cost.name}", cost, policy, engine_predictor, config,
@@ -238,6 +262,12 @@ def _replica_report(replica: _Replica, duration_s: float) -> dict[str, Any]:
         "steps": replica.engine.num_steps,
         "max_in_flight": replica.max_in_flight,
         "preemptions": replica.scheduler.num_preemptions,
+        # batch and queue averaged over busy time; peak KV usage as a fraction of the device cache
+        "mean_batch": replica.batch_seconds / busy if (busy := replica.executor.busy_s) > 0 else 0.0,
+        "max_batch": replica.max_batch,
+        "queued_time_fraction": replica.queued_seconds / busy if busy > 0 else 0.0,
+        "max_queued": replica.max_queued,
+        "peak_kv_usage": replica.peak_kv_usage,
     }
     for key, values in (("mean_latency_s", table["e2e"]), ("mean_latency_per_token_s", table["latency_per_token"])):
         out[key] = float(values.mean()) if len(values) else float("nan")

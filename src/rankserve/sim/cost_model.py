@@ -35,6 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rankserve.model.shape import ModelShape
+
 GiB = 1024**3
 
 __all__ = [
@@ -140,7 +142,8 @@ class CostModel(abc.ABC):
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """The shape of a Llama-family decoder (GQA attention, gated MLP, RMSNorm)."""
+    """A named Llama-family shape at a weight precision, in the cost models' words; the parameter
+    and KV-byte arithmetic is ``rankserve.model.shape.ModelShape``'s, the model's own."""
 
     name: str
     n_layers: int
@@ -153,23 +156,30 @@ class ModelSpec:
     tied_embeddings: bool = False
     dtype_bytes: int = 2  # bf16
 
+    @classmethod
+    def of(cls, name: str, shape: ModelShape, dtype_bytes: int = 2) -> ModelSpec:
+        """The spec of a model's shape (e.g. a loaded model's ``LlamaConfig``)."""
+        return cls(name, n_layers=shape.num_layers, hidden=shape.hidden_size, n_heads=shape.num_heads,
+                   n_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim, intermediate=shape.intermediate_size,
+                   vocab=shape.vocab_size, tied_embeddings=shape.tie_word_embeddings, dtype_bytes=dtype_bytes)
+
+    @property
+    def shape(self) -> ModelShape:
+        return ModelShape(vocab_size=self.vocab, hidden_size=self.hidden, intermediate_size=self.intermediate,
+                          num_layers=self.n_layers, num_heads=self.n_heads, num_kv_heads=self.n_kv_heads,
+                          head_dim=self.head_dim, tie_word_embeddings=self.tied_embeddings)
+
     @property
     def layer_matmul_params(self) -> int:
-        """Weights of one layer's matrix multiplies: q, k, v, o projections and gate, up, down."""
-        h = self.hidden
-        attn = h * self.n_heads * self.head_dim * 2 + h * self.n_kv_heads * self.head_dim * 2
-        return attn + 3 * h * self.intermediate
+        return self.shape.layer_matmul_params
 
     @property
     def params(self) -> int:
-        """All parameters (matches the Hugging Face count: 8,030,261,248 for Llama-3-8B)."""
-        norms = (2 * self.n_layers + 1) * self.hidden
-        embeddings = self.vocab * self.hidden * (1 if self.tied_embeddings else 2)
-        return self.n_layers * self.layer_matmul_params + norms + embeddings
+        return self.shape.num_params
 
     @property
     def lm_head_params(self) -> int:
-        return self.vocab * self.hidden
+        return self.shape.lm_head_params
 
     @property
     def weight_bytes(self) -> int:
@@ -178,15 +188,11 @@ class ModelSpec:
 
     @property
     def weight_bytes_read_per_step(self) -> int:
-        """Bytes of weights a forward pass streams from memory: everything but the embedding table,
-        of which only the looked-up rows are read (with tied embeddings the table is read as lm_head)."""
-        unread = 0 if self.tied_embeddings else self.vocab * self.hidden
-        return (self.params - unread) * self.dtype_bytes
+        return self.shape.weight_bytes_read_per_step(self.dtype_bytes)
 
     @property
     def kv_bytes_per_token(self) -> int:
-        """K and V of one token in every layer: layers x kv_heads x head_dim x 2 x dtype bytes."""
-        return self.n_layers * self.n_kv_heads * self.head_dim * 2 * self.dtype_bytes
+        return self.shape.kv_bytes_per_token(self.dtype_bytes)
 
 
 @dataclass(frozen=True)
