@@ -148,7 +148,7 @@ def test_a_failed_write_is_counted_and_never_fails_the_request(tiny_ranker, tmp_
     _serve(predictor, recorder, requests)
     assert all(r.finish_reason in (FinishReason.STOP, FinishReason.LENGTH) for r in requests)
     assert recorder.stats.failed == 2 and recorder.stats.written == 0
-    text = ServerMetrics("m").render(None, None, recorder.stats).decode()
+    text = ServerMetrics("m").render(None, None, record_stats=recorder.stats).decode()
     assert 'rankserve:length_record_failures_total{model_name="m"} 2.0' in text
     assert 'rankserve:length_records_written_total{model_name="m"} 0.0' in text
 
