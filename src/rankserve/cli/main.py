@@ -30,6 +30,7 @@ from rankserve.learn import LEARNED_NAMES
 from rankserve.predict import predictor_names
 from rankserve.route.load import ReplicaLoad
 from rankserve.route.policies import ROUTER_NAMES, make_router
+from rankserve.server import DEFAULT_MAX_QUEUED, DEFAULT_SHUTDOWN_TIMEOUT_S
 from rankserve.sim.cluster import TRACKER_PARAMS, parse_hardware_list
 from rankserve.sim.cost_model import LOCAL_PRESET, PRESET_NAMES, get_cost_model
 from rankserve.sim.machine import cpu_mismatch
@@ -150,10 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--preemption-mode", choices=("swap", "recompute"), default=engine.preemption_mode)
     sv.add_argument("--max-model-len", type=checked(positive_int), default=engine.max_model_len)
     sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
-    sv.add_argument("--max-queued", type=checked(positive_int), default=4096,
+    sv.add_argument("--max-queued", type=checked(positive_int), default=DEFAULT_MAX_QUEUED,
                     help="answer 429 beyond this many waiting requests")
     sv.add_argument("--seed", type=int, default=engine.seed)
-    sv.add_argument("--shutdown-timeout", type=checked(non_negative), default=10.0,
+    sv.add_argument("--shutdown-timeout", type=checked(non_negative), default=DEFAULT_SHUTDOWN_TIMEOUT_S,
                     help="on SIGTERM/SIGINT, seconds to let requests in flight finish before aborting them")
     sv.set_defaults(run=cmd_serve, parser=sv)
 

@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rankserve.core.request import FinishReason, Request
 from rankserve.engine import ENGINE_ERROR, AsyncEngine
+from rankserve.server import DEFAULT_MAX_QUEUED
 from rankserve.server.metrics import ServerMetrics
 from rankserve.server.protocol import ChatCompletionRequest, CompletionRequest, InvalidField, _SamplingFields, check_token_ids
 from rankserve.server.text import TextStream, TextTokenizer
@@ -54,7 +55,7 @@ class ServerConfig:
     model_name: str
     max_model_len: int
     api_key: str | None = None
-    max_queued: int = 4096  # beyond this many waiting requests, answer 429
+    max_queued: int = DEFAULT_MAX_QUEUED
     vocab_size: int = 1 << 31  # token ids at or past it are refused; serve sets the model's
 
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import rankserve.learn  # noqa: F401 - registers the learned predictors (--predictor ranker, ...) by name
 from rankserve.engine.build import EngineSettings, LoadedEngine, load_engine
+from rankserve.server import DEFAULT_SHUTDOWN_TIMEOUT_S
 
 if TYPE_CHECKING:
     from rankserve.learn.records import LengthRecorder
@@ -85,7 +86,7 @@ class _DrainingServer:
 
 
 def serve(settings: EngineSettings, host: str, port: int, api_key: str | None, max_queued: int,
-          served_model_name: str | None = None, shutdown_timeout: float = 10.0,
+          served_model_name: str | None = None, shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT_S,
           record_lengths: str | Path | None = None, record_prompts: bool = False) -> None:
     """Run the server until a signal drains it. Raises ModelLoadError if the model fails to load.
     ``record_lengths`` / ``record_prompts``: see ``attach_recorder``."""
