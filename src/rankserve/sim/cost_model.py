@@ -329,7 +329,8 @@ class RooflineCostModel(CostModel):
         flops = gpu.peak_flops * compute_efficiency * tp  # the group's achievable FLOP/s
         bw = gpu.mem_bytes_per_s * bandwidth_efficiency  # one GPU's achievable bytes/s
         kv_heads_per_gpu = -(-model.n_kv_heads // tp)  # ceil: replicated when tp > n_kv_heads
-        self.kv_bytes_per_token_per_gpu = model.n_layers * kv_heads_per_gpu * model.head_dim * 2 * model.dtype_bytes
+        # The model's KV bytes per token, for this GPU's share of the heads (exact: a multiple of the head count).
+        self.kv_bytes_per_token_per_gpu = model.kv_bytes_per_token * kv_heads_per_gpu // model.n_kv_heads
 
         # Seconds per unit of each argument (all per GPU; the GPUs of the group work in parallel).
         self._s_per_token_flops = 2.0 * model.n_layers * model.layer_matmul_params / flops
