@@ -18,6 +18,7 @@ from rankserve.model.llama import (
     LlamaModel,
     SeqInput,
     copy_blocks,
+    padded_rows,
     rope_inv_freq,
     swap_blocks,
 )
@@ -635,3 +636,11 @@ def test_draw_follows_the_distribution():
     assert torch.allclose(counts / 4000, probs, atol=0.03)
     draws = [[_draw(probs, torch.Generator().manual_seed(7)) for _ in range(3)] for _ in range(2)]
     assert draws[0] == draws[1]
+
+
+def test_padded_rows_bounds_gemm_shapes_and_padding():
+    padded = [padded_rows(n) for n in range(1, 513)]
+    assert all(n <= p <= 1.25 * n for n, p in zip(range(1, 513), padded))
+    assert padded[:8] == list(range(1, 9))  # small decode batches run exact
+    assert len(set(padded)) <= 32  # oneDNN caches one kernel per shape: keep them few
+    assert all(padded_rows(p) == p for p in padded)  # a padded count is its own bucket

@@ -212,6 +212,16 @@ class _Linear:
 DECODE_GROUP_COST_BLOCKS = 48
 
 
+def padded_rows(n: int) -> int:
+    """``n`` rounded up to one of a few row counts: exact to 8, then 4 steps per power of two
+    (at most 25% padding). oneDNN builds and caches a kernel per GEMM shape; a step of any token
+    count is then one of ~30 shapes up to 512 instead of 512, which bounds that cache's memory."""
+    if n <= 8:
+        return n
+    step = 1 << (n.bit_length() - 3)
+    return -(-n // step) * step
+
+
 def length_groups(lengths: Sequence[int], group_cost: float) -> list[list[int]]:
     """Split the indices of ``lengths`` into groups of similar length. A group costs its size
     times its longest length, plus ``group_cost``; the split returned minimises the total (groups
@@ -510,23 +520,29 @@ class LlamaModel:
         act = torch.float32 if self.lm_head.has_fp32_copy and min_rows is not None and T >= min_rows else self.dtype
         decode_attention = DECODE_ATTENTION[self.kernels.decode_attention]
 
+        # The linears run on padded_rows(T) rows (the padding rows are token 0 at position 0, never
+        # written to the cache nor attended to, and dropped before the outputs).
+        Tp = padded_rows(T)
+        if Tp > T:
+            ids_t = torch.cat([ids_t, ids_t.new_zeros(Tp - T)])
+            rotation = torch.cat([rotation, rotation.new_ones(Tp - T, *rotation.shape[1:])])
         x = self.embed[ids_t].to(act)
         last_rows = torch.tensor([starts[i + 1] - 1 for i in range(len(seqs))], device=dev)
         taps: dict[int, torch.Tensor] = {0: x} if 0 in hidden_layers else {}
         for li, layer in enumerate(self.layers):
             h = _rms_norm(x, layer.ln1, cfg.rms_norm_eps)
             qkv = layer.qkv(h)
-            q = qkv[:, : H * D].view(T, H, D)
-            k = qkv[:, H * D : (H + KV) * D].view(T, KV, D)
-            v = qkv[:, (H + KV) * D :].view(T, KV, D)
+            q = qkv[:, : H * D].view(Tp, H, D)
+            k = qkv[:, H * D : (H + KV) * D].view(Tp, KV, D)[:T]
+            v = qkv[:, (H + KV) * D :].view(Tp, KV, D)[:T]
             q = _rope(q, rotation)
-            k = _rope(k, rotation)
+            k = _rope(k, rotation[:T])
             k_rows = kv_cache[li, 0].view(KV * num_blocks * bs, D)
             v_rows = kv_cache[li, 1].view(KV * num_blocks * bs, D)
             k_rows.index_copy_(0, new_rows, k.transpose(0, 1).reshape(KV * T, D).to(self.dtype))
             v_rows.index_copy_(0, new_rows, v.transpose(0, 1).reshape(KV * T, D).to(self.dtype))
 
-            attn = torch.empty(T, H, D, dtype=act, device=dev)
+            attn = torch.zeros(Tp, H, D, dtype=act, device=dev) if Tp > T else torch.empty(T, H, D, dtype=act, device=dev)
             for i in pre:
                 a, b = starts[i], starts[i + 1]
                 cached = pre_cached.get(i)
@@ -545,7 +561,7 @@ class LlamaModel:
                 o = decode_attention(q[g.rows].to(self.dtype).view(B, KV, G, D), kv_cache[li], g)
                 attn[g.rows] = o.reshape(B, H, D).to(act)
 
-            x = x + layer.o(attn.view(T, H * D))
+            x = x + layer.o(attn.view(Tp, H * D))
             h = _rms_norm(x, layer.ln2, cfg.rms_norm_eps)
             gu = layer.gate_up(h)
             gate, up = gu.chunk(2, dim=-1)
@@ -557,7 +573,7 @@ class LlamaModel:
         logits = self.lm_head(last).float()
         out = ForwardOutput(logits=logits)
         if hidden_layers:
-            hf = torch.stack([taps[k] for k in hidden_layers]).float()  # [L, T, hidden]
+            hf = torch.stack([taps[k][:T] for k in hidden_layers]).float()  # [L, T, hidden]
             out.hidden_last = hf[:, last_rows]
             seq_of_row = torch.repeat_interleave(torch.arange(len(seqs), device=dev), torch.tensor(lens, device=dev))
             sums = hf.new_zeros(len(hidden_layers), len(seqs), hf.shape[-1]).index_add_(1, seq_of_row, hf)
