@@ -38,15 +38,11 @@ import time
 from pathlib import Path
 from typing import NoReturn
 
-from rankserve.learn.sharegpt import first_pairs, iter_records
+from rankserve.learn.sharegpt import MAX_PROMPT_LEN, MAX_TOTAL_LEN, MIN_LEN, first_pairs, iter_records
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO_ROOT / "src" / "rankserve" / "learn" / "data" / "sharegpt_lengths.csv"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-MIN_LEN = 4
-MAX_PROMPT_LEN = 1024
-MAX_TOTAL_LEN = 2048
 
 INSTALL_HINT = (
     "Install the inputs into this environment with:\n"

