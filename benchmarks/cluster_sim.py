@@ -37,7 +37,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from engine_throughput import cpu_model  # noqa: E402 (the lscpu model name, next to every table)
+from rankserve.sim.machine import cpu_model  # noqa: E402
 
 from rankserve.bench.experiment import SimSpec, parse_params, parse_system, run_spec  # noqa: E402
 from rankserve.learn.sharegpt import sharegpt_rows  # noqa: E402

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 from cluster_sim import measure_capacity
-from engine_throughput import cpu_model
+from rankserve.sim.machine import cpu_model
 
 from rankserve.bench.experiment import SimSpec, parse_params, parse_system, run_spec
 from rankserve.core.metrics import request_table

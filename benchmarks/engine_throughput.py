@@ -34,6 +34,8 @@ import time
 from datetime import date
 from pathlib import Path
 
+from rankserve.sim.machine import cpu_model
+
 GiB = 1 << 30
 HERE = Path(__file__).resolve()
 
@@ -284,16 +286,6 @@ def spawn(python: str, worker: str, batch: int, args: argparse.Namespace, prompt
     tail = (p.stderr or p.stdout).strip().splitlines()[-15:]
     return {"system": worker, "batch": batch, "error": f"exit {p.returncode}: " + " | ".join(tail)}
 
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def isa_flags() -> str:

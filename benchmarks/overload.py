@@ -19,7 +19,7 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
-from engine_throughput import cpu_model
+from rankserve.sim.machine import cpu_model
 from soak import engine_gauges, free_port, report, rss_mb, start_server, stop_server
 
 

@@ -21,7 +21,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from engine_throughput import cpu_model  # the lscpu model name, next to every table
+from rankserve.sim.machine import cpu_model
 
 from rankserve.core.request import Request, SamplingParams
 from rankserve.engine.build import EngineSettings, build_core

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine_throughput import cpu_model
+from rankserve.sim.machine import cpu_model
 
 from rankserve.bench.experiment import SimSpec, parse_system, run_spec, simulate_trace
 from rankserve.bench.workloads import arrival_times

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from engine_throughput import cpu_model  # the lscpu model name, next to every table
+from rankserve.sim.machine import cpu_model
 
 from rankserve.learn.datasets import Split, load_label_data
 from rankserve.learn.evaluate import kendall_tau

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from engine_throughput import cpu_model  # the lscpu model name, next to every table
+from rankserve.sim.machine import cpu_model
 
 from rankserve.bench.experiment import SimSpec, simulate_trace
 from rankserve.core.request import FinishReason, Request, RequestStatus, SamplingParams

@@ -20,7 +20,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from engine_throughput import cpu_model
+from rankserve.sim.machine import cpu_model
 
 from rankserve.bench.experiment import SimSpec, parse_system, run_grid
 

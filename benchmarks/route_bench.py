@@ -30,13 +30,8 @@ from engine_bench import RANKSERVE
 
 from rankserve.integrations.vllm_server import free_port, started_server, wait_ready
 from rankserve.route.policies import ROUTER_NAMES
+from rankserve.sim.machine import cpu_model
 
-
-def cpu_model() -> str:
-    for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
 
 
 def report_table(runs: list[tuple[str, str, int, dict]]) -> str:

@@ -22,7 +22,7 @@ from datetime import date
 from pathlib import Path
 
 import numpy as np
-from engine_throughput import cpu_model  # the lscpu model name, next to every table
+from rankserve.sim.machine import cpu_model
 
 from rankserve.bench.experiment import SimSpec, run_spec
 from rankserve.core import BlockManager, Request, SamplingParams, Scheduler, SchedulerConfig, VirtualClock

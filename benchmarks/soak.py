@@ -27,7 +27,7 @@ from pathlib import Path
 
 import httpx
 from engine_bench import RANKSERVE
-from engine_throughput import cpu_model
+from rankserve.sim.machine import cpu_model
 
 from rankserve.integrations.vllm_server import free_port, wait_ready
 
