@@ -36,8 +36,8 @@ def weights():
 
 @pytest.fixture
 def bf16(weights):
-    if not torch.backends.mkldnn.is_available() or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        pytest.skip("fp32 copies are a oneDNN path of CPUs with bf16 support")
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("fp32 copies are a oneDNN path")
     model = LlamaModel(CFG, weights, dtype=torch.bfloat16, fp32_copy=True)
     assert model.lm_head.has_fp32_copy
     return model
@@ -49,6 +49,14 @@ def cache_file(tmp_path, monkeypatch):
     monkeypatch.setenv(kernels.ENV_CACHE, str(path))
     monkeypatch.delenv(kernels.ENV_FORCE, raising=False)
     return path
+
+
+def test_a_choice_made_without_fp32_copies_is_not_read_back_for_a_model_with_them(bf16, weights):
+    """The copies were not a candidate for a model built without them: its cached choice (native
+    GEMM) must not stand for a model that has them, or a machine keeps a slow choice forever."""
+    without = LlamaModel(CFG, weights, dtype=torch.bfloat16, fp32_copy=False)
+    assert kernels.machine_key(bf16)["fp32_copies"] and not kernels.machine_key(without)["fp32_copies"]
+    assert kernels._key_hash(kernels.machine_key(bf16)) != kernels._key_hash(kernels.machine_key(without))
 
 
 def test_parse_forced():

@@ -30,8 +30,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 DEVICE = os.environ.get("RANKSERVE_TEST_DEVICE", "cpu")
 BS = 4  # small blocks: every sequence spans many, so tables and offsets are exercised
 # The kernel paths this machine has: every decode attention kernel; for bf16 linears, the
-# model-dtype weights and (a oneDNN CPU with bf16) the fp32 copies at every row count.
-FP32_GEMM = DEVICE == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+# model-dtype weights and (a oneDNN CPU, with or without native bf16) the fp32 copies at every row count.
+FP32_GEMM = DEVICE == "cpu" and torch.backends.mkldnn.is_available()
 GEMM_ROWS = [None, 1] if FP32_GEMM else [None]
 STEPS = 64
 
@@ -321,7 +321,9 @@ def test_prepacked_linears_give_the_same_logits(tiny_one, dtype):
     weights = dict(hf.state_dict())
     packed = LlamaModel(ours.cfg, weights, dtype=dtype, prepack=True, fp32_copy=False, device=DEVICE)
     plain = LlamaModel(ours.cfg, weights, dtype=dtype, prepack=False, device=DEVICE)
-    if DEVICE == "cpu" and torch.backends.mkldnn.is_available():  # the CPUs here have oneDNN
+    onednn_runs_dtype = torch.backends.mkldnn.is_available() and (
+        dtype == torch.float32 or torch.ops.mkldnn._is_mkldnn_bf16_supported())  # not bf16 on AVX2-only CPUs
+    if DEVICE == "cpu" and onednn_runs_dtype:
         assert packed.layers[0].qkv.packed is not None and packed.layers[0].qkv.weight is None
     assert plain.layers[0].qkv.packed is None
     prompts = _prompts(3)

@@ -170,7 +170,8 @@ class _Linear:
     A bf16 weight may also keep a prepacked fp32 copy, used for inputs of ``fp32_min_rows`` rows
     or more: on AVX-512 CPUs without AMX a bf16 dot product runs at the fp32 FMA rate, and oneDNN's
     fp32 GEMM is 1.2-1.6x faster there than its bf16 one (docs/ENGINE.md); below that, reading half
-    the bytes of the bf16 copy wins. The input is cast to the copy's dtype where it differs (the
+    the bytes of the bf16 copy wins. Where oneDNN has no bf16 kernels at all (AVX2-only CPUs), bf16
+    GEMMs are emulated and the copy wins at every row count. The input is cast to the copy's dtype where it differs (the
     model keeps its activations in fp32 for such steps, so layers need no casts)."""
 
     __slots__ = ("bias", "bias32", "fp32_min_rows", "in_features", "packed", "packed32", "weight")
@@ -180,8 +181,10 @@ class _Linear:
         self.in_features = weight.shape[1]
         self.packed = _onednn_weight(weight) if prepack else None
         self.weight = weight if self.packed is None else None  # the packed copy replaces it
+        # The fp32 copy does not need oneDNN's bf16 support: where the CPU has none (AVX2 only),
+        # bf16 GEMMs are emulated and the copy is the fast path at every row count.
         self.packed32 = None
-        if self.packed is not None and fp32_copy and weight.dtype == torch.bfloat16:
+        if prepack and fp32_copy and weight.dtype == torch.bfloat16:
             self.packed32 = _onednn_weight(weight.float(), rows_hint=64)
         self.bias32 = None if bias is None or self.packed32 is None else bias.float()
         self.fp32_min_rows = FP32_GEMM_MIN_ROWS
