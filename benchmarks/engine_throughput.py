@@ -34,8 +34,6 @@ import time
 from datetime import date
 from pathlib import Path
 
-from rankserve.sim.machine import cpu_model
-
 GiB = 1 << 30
 HERE = Path(__file__).resolve()
 
@@ -272,7 +270,7 @@ def spawn(python: str, worker: str, batch: int, args: argparse.Namespace, prompt
         env.pop("PYTHONPATH", None)
     cmd = [python, str(HERE), "--worker", worker, "--batch", str(batch), "--prompts-file", str(prompts_file),
            "--model-path", model_path, "--output-len", str(args.output_len), "--threads", str(args.threads),
-           "--dtype", args.dtype, "--kv-cache-gb", str(args.kv_cache_gb),
+           "--dtype", args.vllm_dtype if worker == "vllm" else args.dtype, "--kv-cache-gb", str(args.kv_cache_gb),
            "--max-num-batched-tokens", str(args.max_num_batched_tokens), "--profile-batch", str(args.profile_batch)]
     if args.no_profile:
         cmd.append("--no-profile")
@@ -310,6 +308,9 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--vllm-dtype", default=None, choices=["bfloat16", "float32"],
+                    help="vLLM's dtype (default: --dtype); e.g. float32 on a CPU without native bf16, "
+                    "where vLLM's bf16 is emulated and each system's best dtype differs")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--kv-cache-gb", type=float, default=1.0, help="rankserve KV pool (GiB)")
@@ -329,6 +330,7 @@ def main() -> None:
     ap.add_argument("--prompts-file", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--model-path", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    args.vllm_dtype = args.vllm_dtype or args.dtype
 
     if args.worker:
         prompts = json.loads(Path(args.prompts_file).read_text())[: args.batch]
@@ -337,6 +339,7 @@ def main() -> None:
         return
 
     from rankserve.model.loader import load_model_dir
+    from rankserve.sim.machine import cpu_model
 
     files = load_model_dir(args.model)
     model_path = str(files.path)
@@ -380,7 +383,8 @@ def main() -> None:
         rows.append({"batch": b, "rankserve": runs[args.kernels[-1]], "rankserve_by_kernels": runs, "vllm": vl})
 
     print(f"\nEngine throughput: {args.prompt_len} prompt + {args.output_len} output tokens per request, "
-          f"{args.dtype}, {args.threads} threads, {cpu_model()} (flags: {isa_flags()})")
+          f"{args.dtype}{'' if args.vllm_dtype == args.dtype else f' (vLLM {args.vllm_dtype})'}, "
+          f"{args.threads} threads, {cpu_model()} (flags: {isa_flags()})")
     for spec in args.kernels:
         chosen = next((r["rankserve_by_kernels"][spec]["kernels"] for r in rows
                        if "kernels" in r["rankserve_by_kernels"][spec]), None)
@@ -430,7 +434,7 @@ def main() -> None:
                         "python": platform.python_version()},
             "settings": {
                 "prompt_len": args.prompt_len, "output_len": args.output_len, "dtype": args.dtype,
-                "threads": args.threads, "max_num_batched_tokens": args.max_num_batched_tokens,
+                "vllm_dtype": args.vllm_dtype, "threads": args.threads, "max_num_batched_tokens": args.max_num_batched_tokens,
                 "rankserve_kv_cache_gb": args.kv_cache_gb, "vllm_kv_cache_gb": args.vllm_kv_gb,
                 "model_path": model_path, "seed": args.seed, "kernels": args.kernels,
             },
