@@ -84,9 +84,10 @@ def test_calibrate_writes_cpu_local_and_simulate_uses_it(tiny_model, presets, ca
     assert "30 requests" in capsys.readouterr().out
 
 
-def test_calibrate_to_a_file(tiny_model, tmp_path, presets, capsys) -> None:
+def test_calibrate_to_a_file(tiny_model, tmp_path, presets, capsys, caplog) -> None:
     out = tmp_path / "mine.json"
     assert _calibrate_tiny(tiny_model, "--out", str(out), "--trace-requests", "0") == 0
+    assert "failed while scoring" not in caplog.text  # the timed engine runs no predictor
     assert get_cost_model(str(out)).name == "mine"
     assert json.loads(out.read_text())["fitted_on"]["fit"]["trace_requests"] == 0
     assert not local_preset_path().exists()  # --out leaves cpu-local alone

@@ -78,8 +78,11 @@ def cmd_calibrate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
                      f"model's context of {max_len} tokens")
     out = args.out or local_preset_path()
     name = args.name or (out.stem if args.out else LOCAL_PRESET)
+    # FCFS, no predictor: the cost model times the engine's steps (scoring is not part of a step),
+    # and the sweep's token-id prompts have no text for a ranker to read.
     settings = EngineSettings(model=args.model, dtype=args.dtype, max_num_batched_tokens=args.max_num_batched_tokens,
-                              kv_cache_gb=args.kv_cache_gb, swap_space_gb=args.swap_space_gb, seed=args.seed)
+                              kv_cache_gb=args.kv_cache_gb, swap_space_gb=args.swap_space_gb, seed=args.seed,
+                              policy="fcfs")
     plan = CalibrationPlan(batches=args.batches, contexts=args.contexts, decode_steps=args.decode_steps,
                            trace=_trace(args, max_len) if args.trace_requests else None, seed=args.seed)
     start = time.perf_counter()
