@@ -64,13 +64,14 @@ def cpu_identity() -> dict[str, str]:
 
 def machine_key(model: LlamaModel) -> dict[str, str | int | bool]:
     """What a cached choice holds for: the machine, the torch build, threads, dtype, model shape,
-    and whether fp32 GEMM copies were a candidate (a model built without them was never timed on
-    them). Call it before ``use_kernels``, which may drop the copies."""
+    whether fp32 GEMM copies were a candidate (a model built without them was never timed on them)
+    and the row counts timed. Call it before ``use_kernels``, which may drop the copies."""
     c = model.cfg
     device = torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else "cpu"
     return {
         **cpu_identity(), "device": device, "torch": torch.__version__, "threads": torch.get_num_threads(),
         "dtype": str(model.dtype).removeprefix("torch."), "fp32_copies": model.lm_head.has_fp32_copy,
+        "gemm_rows": ",".join(map(str, GEMM_ROWS)),  # a choice timed at other row counts is timed again
         "shape": f"{c.num_layers}x{c.hidden_size}x{c.intermediate_size}/{c.num_heads}q{c.num_kv_heads}kv{c.head_dim}d/{c.vocab_size}v",
     }
 
