@@ -191,6 +191,10 @@ def main() -> None:
     ap.add_argument("--reuse", action="store_true",
                     help="run no server: rebuild the report (and --simulate's fidelity) from the JSONs in --out")
     args = ap.parse_args()
+    if args.vllm_python:  # vLLM's server starts in another directory: a relative path would not resolve there
+        args.vllm_python = str(Path(args.vllm_python).absolute())
+        if not Path(args.vllm_python).is_file():
+            ap.error(f"argument --vllm-python: {args.vllm_python} does not exist")
     for system in args.systems:
         try:
             system_spec(system, args)  # a bad system name fails before any server starts
