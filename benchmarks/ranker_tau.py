@@ -3,7 +3,7 @@ the train conversations (not only first turns) raise Kendall's tau on the refere
 
     python benchmarks/ranker_tau.py [--variants first,last,context] [--later 4000] [--epochs 1]
         [--base src/rankserve/learn/weights/ranker-reference.safetensors] [--from-scratch]
-        [--precision bfloat16] [--threads 1] [--out out/ranker_tau/ranker_tau.json]
+        [--precision float32] [--threads 1] [--out out/ranker_tau/ranker_tau.json]
 
 Each variant trains one ranker with the base's shape (frozen bottom layers, trained top layers,
 encoder tokens); by default it starts from the base's weights (fine-tuning, so that a small CPU
@@ -95,7 +95,9 @@ def main() -> None:
     ap.add_argument("--from-scratch", action="store_true", help="train the base's shape from the pretrained encoder")
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--lr", type=float, default=5e-5, help="top layers (the head gets 10x)")
-    ap.add_argument("--precision", choices=("float32", "bfloat16"), default="bfloat16", help="training precision")
+    ap.add_argument("--precision", choices=("float32", "bfloat16"), default="float32",
+                    help="training precision; bfloat16 pays only where the CPU has AMX (emulated, and far slower, "
+                    "on AVX2-only CPUs)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--speed-prompts", type=int, default=256)
     ap.add_argument("--cache", type=Path, default=Path("out/ranker_tau/cache"))
@@ -146,7 +148,7 @@ def main() -> None:
     for row, path in zip(rows, [args.base, *weights]):
         row["prompts_per_s"] = speed[path.stem]
     cpu = cpu_model()
-    print(f"\nCPU: {cpu}; one torch thread x {args.threads}; {args.epochs} epoch(s), {args.precision} training, "
+    print(f"\nCPU: {cpu}; {args.threads} torch thread(s); {args.epochs} epoch(s), {args.precision} training, "
           f"{'from scratch' if args.from_scratch else f'fine-tuned from {args.base.name}'}\n")
     print("| train data | prompts | Kendall's tau (1,998 test) | train s | prompts/s |")
     print("|---|---|---|---|---|")
