@@ -37,16 +37,16 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from rankserve.sim.machine import cpu_model  # noqa: E402
 
 from rankserve.bench.experiment import SimSpec, parse_params, parse_system, run_spec  # noqa: E402
-from rankserve.learn.sharegpt import sharegpt_rows  # noqa: E402
 from rankserve.core.request import Request, SamplingParams  # noqa: E402
 from rankserve.learn import LEARNED_NAMES  # noqa: E402
+from rankserve.learn.sharegpt import sharegpt_rows  # noqa: E402
 from rankserve.predict import Predictor, make_predictor  # noqa: E402
 from rankserve.route.policies import ROUTER_NAMES  # noqa: E402
 from rankserve.sim.cluster import parse_hardware_list  # noqa: E402
 from rankserve.sim.cost_model import StepShape, get_cost_model  # noqa: E402
+from rankserve.sim.machine import cpu_model  # noqa: E402
 
 _predictors: dict[str, Any] = {}
 _score_table: dict[str, float] = {}  # ShareGPT row (as text) -> the ranker's score, with --scores

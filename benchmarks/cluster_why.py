@@ -31,12 +31,12 @@ from typing import Any
 
 import numpy as np
 from cluster_sim import measure_capacity
-from rankserve.sim.machine import cpu_model
 
 from rankserve.bench.experiment import SimSpec, parse_params, parse_system, run_spec
 from rankserve.core.metrics import request_table
 from rankserve.sim.cluster import parse_hardware_list
 from rankserve.sim.cost_model import StepShape, get_cost_model
+from rankserve.sim.machine import cpu_model
 
 
 def diagnose(spec: SimSpec) -> dict[str, Any]:

@@ -19,10 +19,9 @@ import random
 import time
 from pathlib import Path
 
-from rankserve.sim.machine import cpu_model
-
 from rankserve.core import Request, SamplingParams
 from rankserve.engine.build import EngineSettings, build_core
+from rankserve.sim.machine import cpu_model
 
 BATCH = 16
 

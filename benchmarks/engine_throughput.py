@@ -284,18 +284,11 @@ def spawn(python: str, worker: str, batch: int, args: argparse.Namespace, prompt
     tail = (p.stderr or p.stdout).strip().splitlines()[-15:]
     return {"system": worker, "batch": batch, "error": f"exit {p.returncode}: " + " | ".join(tail)}
 
-
-
 def isa_flags() -> str:
-    """The vector and matrix flags of ``lscpu`` (avx*, amx*, fma): the ones that pick kernels."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-    except OSError:
-        return "unknown"
-    for line in out.splitlines():
-        if line.startswith("Flags:"):
-            return " ".join(f for f in line.split()[1:] if f.startswith(("avx", "amx", "fma")))
-    return "unknown"
+    """The CPU's vector and matrix flags (avx*, amx*, fma): the ones that pick kernels."""
+    from rankserve.sim.machine import cpu_flags  # driver only: the vLLM worker imports no rankserve
+
+    return " ".join(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma"))) or "unknown"
 
 
 def fmt(v, spec: str) -> str:

@@ -19,8 +19,9 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
-from rankserve.sim.machine import cpu_model
 from soak import engine_gauges, free_port, report, rss_mb, start_server, stop_server
+
+from rankserve.sim.machine import cpu_model
 
 
 async def burst(url: str, n: int, max_tokens: int, pid: int) -> dict:

@@ -21,7 +21,6 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from rankserve.sim.machine import cpu_model
 
 from rankserve.core.request import Request, SamplingParams
 from rankserve.engine.build import EngineSettings, build_core
@@ -30,6 +29,7 @@ from rankserve.learn.predictors import TextModelPredictor, default_weights
 from rankserve.learn.sharegpt import load_prompts
 from rankserve.learn.text_model import torch_threads
 from rankserve.model.tokenizer import HFTextTokenizer
+from rankserve.sim.machine import cpu_model
 
 PROMPT_SIDE = {"ranker": "ranker", "probe": "classifier"}  # the text model each predictor scores with
 POLICY = {"ranker": "ltr", "probe": "trail"}

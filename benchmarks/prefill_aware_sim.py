@@ -20,11 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from rankserve.sim.machine import cpu_model
-
 from rankserve.bench.experiment import SimSpec, parse_system, run_spec, simulate_trace
 from rankserve.bench.workloads import arrival_times
 from rankserve.core.metrics import time_to_k_finished
+from rankserve.sim.machine import cpu_model
 
 SYSTEMS = (
     "fcfs",

@@ -32,14 +32,13 @@ from dataclasses import asdict
 from datetime import date
 from pathlib import Path
 
-import numpy as np
 import torch
-from rankserve.sim.machine import cpu_model
 
 from rankserve.learn.datasets import Split, load_label_data
 from rankserve.learn.evaluate import kendall_tau
 from rankserve.learn.predictors import default_weights
 from rankserve.learn.text_model import TextLengthModel, TrainConfig, inference_dtype, train_text_model
+from rankserve.sim.machine import cpu_model
 
 VARIANTS = ("first", "last", "context")
 

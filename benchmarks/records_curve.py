@@ -29,7 +29,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from rankserve.sim.machine import cpu_model
 
 from rankserve.bench.experiment import SimSpec, simulate_trace
 from rankserve.core.request import FinishReason, Request, RequestStatus, SamplingParams
@@ -40,6 +39,7 @@ from rankserve.learn.predictors import TextModelPredictor, default_weights
 from rankserve.learn.records import LengthRecorder
 from rankserve.learn.text_model import TrainConfig
 from rankserve.learn.training import set_threads, train_from_records
+from rankserve.sim.machine import cpu_model
 
 
 def record_label_rows(labels: Path, base: Path, path: Path, batch: int = 64) -> int:

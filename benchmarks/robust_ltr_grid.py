@@ -20,9 +20,8 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from rankserve.sim.machine import cpu_model
-
 from rankserve.bench.experiment import SimSpec, parse_system, run_grid
+from rankserve.sim.machine import cpu_model
 
 # Per hardware: the regime of the issue (CPU: SmolLM2 serving ShareGPT-like lengths scaled by a
 # quarter, 16 sequences) and the paper's (A100: Llama-3-8B, 256 sequences).

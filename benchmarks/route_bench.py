@@ -33,7 +33,6 @@ from rankserve.route.policies import ROUTER_NAMES
 from rankserve.sim.machine import cpu_model
 
 
-
 def report_table(runs: list[tuple[str, str, int, dict]]) -> str:
     """One row per (dataset, rate, repeat, router), in the order they ran, with each metric's ratio
     to least-requests in the same repeat at the same point."""

@@ -22,12 +22,12 @@ from datetime import date
 from pathlib import Path
 
 import numpy as np
-from rankserve.sim.machine import cpu_model
 
 from rankserve.bench.experiment import SimSpec, run_spec
 from rankserve.core import BlockManager, Request, SamplingParams, Scheduler, SchedulerConfig, VirtualClock
 from rankserve.core.policies import make_policy
 from rankserve.route.policies import ROUTER_NAMES
+from rankserve.sim.machine import cpu_model
 
 
 def simulate_throughput(num_requests: int, rate: float) -> dict:

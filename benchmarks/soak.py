@@ -27,9 +27,9 @@ from pathlib import Path
 
 import httpx
 from engine_bench import RANKSERVE
-from rankserve.sim.machine import cpu_model
 
 from rankserve.integrations.vllm_server import free_port, wait_ready
+from rankserve.sim.machine import cpu_model
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 PROMPTS = ["Tell me about the sea.", "List three fruits.", "What is 2 + 2?", "Write a haiku about rain.",

@@ -171,8 +171,9 @@ class _Linear:
     or more: on AVX-512 CPUs without AMX a bf16 dot product runs at the fp32 FMA rate, and oneDNN's
     fp32 GEMM is 1.2-1.6x faster there than its bf16 one (docs/ENGINE.md); below that, reading half
     the bytes of the bf16 copy wins. Where oneDNN has no bf16 kernels at all (AVX2-only CPUs), bf16
-    GEMMs are emulated and the copy wins at every row count. The input is cast to the copy's dtype where it differs (the
-    model keeps its activations in fp32 for such steps, so layers need no casts)."""
+    GEMMs are emulated and the copy wins from a few rows up. The input is cast to the copy's dtype
+    where it differs (the model keeps its activations in fp32 for such steps, so layers need no
+    casts)."""
 
     __slots__ = ("bias", "bias32", "fp32_min_rows", "in_features", "packed", "packed32", "weight")
 
@@ -181,8 +182,7 @@ class _Linear:
         self.in_features = weight.shape[1]
         self.packed = _onednn_weight(weight) if prepack else None
         self.weight = weight if self.packed is None else None  # the packed copy replaces it
-        # The fp32 copy does not need oneDNN's bf16 support: where the CPU has none (AVX2 only),
-        # bf16 GEMMs are emulated and the copy is the fast path at every row count.
+        # Not gated on ``self.packed``: without oneDNN bf16 support the copy is the fast path.
         self.packed32 = None
         if prepack and fp32_copy and weight.dtype == torch.bfloat16:
             self.packed32 = _onednn_weight(weight.float(), rows_hint=64)
