@@ -1,25 +1,27 @@
 """Decode attention over a paged KV cache: the engine's kernels (gather the blocks, then flash or
-matmul) against kernels that read the blocks in place, which all need ``torch.compile`` on the CPU
-(inductor and a C++ compiler): FlexAttention with a block mask built from the block tables, and a
-gather fused into the score and value reductions.
+matmul; ``paged``: reductions over the indexed blocks, compiled, reading them in place) against
+FlexAttention with a block mask built from the block tables. Both compiled kernels need
+``torch.compile`` on the CPU (inductor and a C++ compiler).
 
     python benchmarks/paged_attention.py [--batches 16,64] [--context 256] [--no-compiled]
 
 SmolLM2's attention shape (3 KV heads, 3 query heads each, head dim 64), bf16, blocks of 16 tokens
 scattered through a pool. Per call: the fastest of ``--repeats`` interleaved calls (a busy machine
-only adds time). Compile: the first call's seconds, once per batch size (shapes are static).
+only adds time). Compile: the first call's seconds (flex: once per batch size; paged: one dynamic graph, compiled
+by ``paged_attention_works`` before the first batch, or loaded from inductor's cache).
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
 from rankserve.model.kernels import cpu_identity
-from rankserve.model.llama import DECODE_ATTENTION, DecodeGroup
+from rankserve.model.llama import DECODE_ATTENTION, DecodeGroup, paged_attention_works
 
 KV, G, D, BS = 3, 3, 64, 16
 
@@ -48,26 +50,31 @@ def flex_runner(q: torch.Tensor, pool: torch.Tensor, tables: torch.Tensor, conte
     return lambda: compiled(qf, k, v, block_mask=mask, enable_gqa=True)
 
 
-def fused_gather(q: torch.Tensor, pool: torch.Tensor, tables: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Scores and weighted values as reductions over indexed blocks: inductor fuses the indexing
-    into the loops, so no gathered copy is made."""
-    k = pool[0][:, tables].flatten(2, 3)  # [KV, B, ctx, D]
-    v = pool[1][:, tables].flatten(2, 3)
-    scores = (q.float().transpose(0, 1)[:, :, :, None, :] * k[:, :, None].float()).sum(-1) * D**-0.5
-    probs = scores.masked_fill(~valid[None, :, None, :], float("-inf")).softmax(-1)  # [KV, B, G, ctx]
-    return (probs[..., None] * v[:, :, None].float()).sum(-2).transpose(0, 1).to(q.dtype)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", default="16,64")
     ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=50)
-    ap.add_argument("--no-compiled", action="store_true", help="skip the two torch.compile kernels")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--no-compiled", action="store_true", help="skip the two torch.compile kernels (paged, flex)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    with torch.inference_mode():  # as the engine's forward runs (the compiled graph is guarded on it)
+        time_kernels(args)
+
+
+def time_kernels(args: argparse.Namespace) -> None:
     print(f"decode attention, one layer, context {args.context}, bf16, {torch.get_num_threads()} threads, "
           f"{cpu_identity()['cpu']}")
+    compiled = not args.no_compiled
+    if compiled:
+        started = time.perf_counter()
+        shape = SimpleNamespace(num_kv_heads=KV, num_heads=KV * G, head_dim=D)
+        if not paged_attention_works(shape, torch.bfloat16, block_size=BS):
+            raise SystemExit("torch.compile cannot build the paged kernel here (see the warning); try --no-compiled")
+        paged_compile_s = time.perf_counter() - started
     print("batch | kernel | ms per call | vs gather+flash | compile s")
     for batch in (int(b) for b in args.batches.split(",")):
         per_seq = -(-args.context // BS)
@@ -77,22 +84,23 @@ def main() -> None:
         valid = (torch.arange(per_seq * BS) < args.context).expand(batch, -1)
         group = DecodeGroup(rows=torch.arange(batch),
                             blocks=(torch.arange(2 * KV)[:, None] * num_blocks + tables.flatten()[None, :]).flatten(),
-                            mask=valid[:, None, None, :])
+                            mask=valid[:, None, None, :], tables=tables)
         q = torch.randn(batch, KV, G, D, dtype=torch.bfloat16)
-        runs = {f"gather+{name}": (lambda f=f: f(q, pool, group), 0.0) for name, f in DECODE_ATTENTION.items()}
+        kernels = {name: f for name, f in DECODE_ATTENTION.items() if name != "paged" or compiled}
+        runs = {("gather+" if name != "paged" else "") + name: (lambda f=f: f(q, pool, group), 0.0)
+                for name, f in kernels.items()}
+        if compiled:
+            runs["paged (compiled)"] = (runs.pop("paged")[0], paged_compile_s)
         ref = DECODE_ATTENTION["flash"](q, pool, group)
-        if not args.no_compiled:
-            for name, make in (("flex (compiled)", lambda: flex_runner(q, pool, tables, args.context)),
-                               ("fused gather (compiled)",
-                                lambda: (lambda c=torch.compile(fused_gather): c(q, pool, tables, valid)))):
-                run = make()
-                started = time.perf_counter()
-                out = run()
-                compile_s = time.perf_counter() - started
-                err = (out.reshape(ref.shape).float() - ref.float()).abs().max().item()
-                if err > 0.05:
-                    raise SystemExit(f"{name} differs from gather+flash by {err}")
-                runs[name] = (run, compile_s)
+        if compiled:
+            run = flex_runner(q, pool, tables, args.context)
+            started = time.perf_counter()
+            out = run()
+            compile_s = time.perf_counter() - started
+            err = (out.reshape(ref.shape).float() - ref.float()).abs().max().item()
+            if err > 0.05:
+                raise SystemExit(f"flex differs from gather+flash by {err}")
+            runs["flex (compiled)"] = (run, compile_s)
         for run, _ in runs.values():
             run()
         times = dict.fromkeys(runs, float("inf"))
@@ -103,8 +111,8 @@ def main() -> None:
                 times[name] = min(times[name], time.perf_counter() - started)
         base = times["gather+flash"]
         for name, (_, compile_s) in runs.items():
-            compiled = f"{compile_s:.1f}" if compile_s else "-"
-            print(f"{batch:5d} | {name} | {times[name] * 1e3:.3f} | {base / times[name]:.2f}x | {compiled}")
+            compile_text = f"{compile_s:.1f}" if compile_s else "-"
+            print(f"{batch:5d} | {name} | {times[name] * 1e3:.3f} | {base / times[name]:.2f}x | {compile_text}")
 
 
 if __name__ == "__main__":

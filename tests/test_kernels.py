@@ -65,7 +65,7 @@ def test_parse_forced():
                                                                       "decode_attention": "matmul"}
     assert kernels.parse_forced("gemm=fp32") == {"fp32_gemm_min_rows": 1}
     assert kernels.parse_forced("gemm=fp32>=48") == {"fp32_gemm_min_rows": 48}
-    for bad, named in (("gemm=int8", "gemm"), ("attention=paged", "attention"), ("speed=max", "speed"),
+    for bad, named in (("gemm=int8", "gemm"), ("attention=fused", "attention"), ("speed=max", "speed"),
                        ("gemm=fp32>=0", "gemm")):
         with pytest.raises(ValueError, match=f"RANKSERVE_KERNELS.*{named}"):
             kernels.parse_forced(bad)
@@ -91,7 +91,7 @@ def test_first_use_times_and_caches_then_reads_back(bf16, weights, cache_file, m
     (entry,) = json.loads(cache_file.read_text()).values()
     assert entry["machine"]["cpu"] == kernels.cpu_identity()["cpu"]
     assert entry["machine"]["torch"] == torch.__version__ and entry["machine"]["dtype"] == "bfloat16"
-    assert set(entry["timings"]["decode_attention_s"]) == set(DECODE_ATTENTION)
+    assert set(entry["timings"]["decode_attention_s"]) == set(kernels.attention_candidates(bf16)) >= {"flash", "matmul"}
     assert set(entry["timings"]["gemm_s"]) == {str(n) for n in kernels.GEMM_ROWS}
 
     def no_timing(*_a, **_k):
@@ -109,13 +109,14 @@ def test_first_use_times_and_caches_then_reads_back(bf16, weights, cache_file, m
         kernels.choose_kernels(LlamaModel(CFG, weights, dtype=torch.bfloat16, fp32_copy=True))
 
 
-def test_a_broken_cache_is_timed_again(bf16, cache_file, caplog):
+def test_a_broken_cache_is_timed_again(bf16, weights, cache_file, caplog):
     caplog.set_level(logging.INFO, logger="rankserve.model.kernels")
     cache_file.write_text("{not json")
+    digest = kernels._key_hash(kernels.machine_key(bf16))  # before the choice: a native GEMM drops the copies
     assert kernels.choose_kernels(bf16).source == "measured"
-    (digest,) = json.loads(cache_file.read_text())
-    cache_file.write_text(json.dumps({digest: {"choice": {"decode_attention": "paged"}}}))
-    assert kernels.choose_kernels(bf16).source == "measured"
+    assert digest in json.loads(cache_file.read_text())
+    cache_file.write_text(json.dumps({digest: {"choice": {"decode_attention": "no-such-kernel"}}}))
+    assert kernels.choose_kernels(LlamaModel(CFG, weights, dtype=torch.bfloat16, fp32_copy=True)).source == "measured"
     assert json.loads(cache_file.read_text())[digest]["choice"]["decode_attention"] in DECODE_ATTENTION
 
 
@@ -158,3 +159,26 @@ def test_metrics_show_the_kernel_paths():
     text = ServerMetrics("m").render(None, None, KernelChoice(64, "flash", "cached").labels()).decode()
     assert 'rankserve:kernel_info{decode_attention="flash",gemm="fp32>=64",model_name="m",source="cached"} 1.0' in text
     assert "kernel_info" not in ServerMetrics("m").render(None).decode()
+
+
+def test_paged_attention_is_a_candidate_only_where_it_compiles(bf16, weights, cache_file, monkeypatch, caplog):
+    """Without a C++ compiler (simulated: the compile raises) the paged kernel is neither timed
+    nor read back from a cache, and forcing it fails naming the setting; the engine still runs."""
+    from rankserve.model import llama
+
+    def no_compiler():
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(llama, "_compiled_paged", no_compiler)
+    assert not llama.paged_attention_works(CFG, torch.bfloat16)
+    assert "cannot run here: no C++ compiler found" in caplog.text
+    assert kernels.attention_candidates(bf16) == ["flash", "matmul"]
+    digest = kernels._key_hash(kernels.machine_key(bf16))
+    choice = kernels.choose_kernels(bf16)
+    assert choice.decode_attention in ("flash", "matmul")
+    assert set(json.loads(cache_file.read_text())[digest]["timings"]["decode_attention_s"]) == {"flash", "matmul"}
+    cache_file.write_text(json.dumps({digest: {"choice": {"decode_attention": "paged", "fp32_gemm_min_rows": None}}}))
+    assert kernels.choose_kernels(LlamaModel(CFG, weights, dtype=torch.bfloat16, fp32_copy=True)).source == "measured"
+    monkeypatch.setenv(kernels.ENV_FORCE, "attention=paged")
+    with pytest.raises(ValueError, match="RANKSERVE_KERNELS: attention=paged cannot run here"):
+        kernels.choose_kernels(bf16)

@@ -83,7 +83,7 @@ def test_a_signal_drains_in_flight_requests_and_exits_zero(sig):
         info = next(line for line in httpx.get(url + "/metrics", timeout=5).text.splitlines()
                     if line.startswith("rankserve:kernel_info{"))
         assert 'gemm="native"' in info and info.endswith(" 1.0")
-        assert re.search(r'decode_attention="(flash|matmul)"', info) and re.search(r'source="(measured|cached)"', info)
+        assert re.search(r'decode_attention="(flash|matmul|paged)"', info) and re.search(r'source="(measured|cached)"', info)
         long_events: list = []
         started = threading.Event()
         long = threading.Thread(target=_stream, args=(url, {"prompt": [1, 2, 3], "max_tokens": 4000,

@@ -154,9 +154,9 @@ def bench_summary(results: Sequence[Request], slo: SLO | None = None) -> dict[st
     return out
 
 
-def server_preemptions(base_url: str, api_key: str | None = None) -> int | None:
-    """The server's ``vllm:num_preemptions_total`` (rankserve and vLLM both export it), summed over
-    labels; None if the server has no such metric. A client cannot see preemptions any other way."""
+def server_counter(base_url: str, name: str, api_key: str | None = None) -> float | None:
+    """The server's counter ``name`` (its ``_total`` samples summed over labels); None if the server
+    cannot be reached or has no such metric."""
     import httpx
 
     root = base_url.rstrip("/").removesuffix("/v1")
@@ -165,12 +165,19 @@ def server_preemptions(base_url: str, api_key: str | None = None) -> int | None:
         text = httpx.get(root + "/metrics", headers=headers, timeout=10).text
     except httpx.HTTPError:
         return None
-    name = "vllm:num_preemptions"  # the family; "_total" names its samples (and an untyped family)
+    # The family drops "_total"; an untyped family keeps it.
     families = [f for f in text_string_to_metric_families(text) if f.name in (name, name + "_total")]
     if not families:
         return None
     # A labelled counter has no sample until its first increment: then it is 0.
-    return int(sum(s.value for f in families for s in f.samples if s.name == name + "_total"))
+    return float(sum(s.value for f in families for s in f.samples if s.name == name + "_total"))
+
+
+def server_preemptions(base_url: str, api_key: str | None = None) -> int | None:
+    """The server's ``vllm:num_preemptions_total`` (rankserve and vLLM both export it); None if the
+    server has no such metric. A client cannot see preemptions any other way."""
+    value = server_counter(base_url, "vllm:num_preemptions", api_key)
+    return None if value is None else int(value)
 
 
 def per_request_rows(results: Sequence[Request]) -> list[dict]:

@@ -7,8 +7,13 @@ the gathered KV blocks. ``choose_kernels`` times the candidates once, on the mod
 and caches the choice in a JSON file keyed by CPU model, CPU flags, torch version, thread count,
 dtype and model shape; later starts on the same machine read it back.
 
+Decode attention's candidates: the gathered blocks through torch's flash kernel or two matmuls,
+and ``paged``, which reads the blocks in place (``torch.compile``d: only where a C++ compiler
+lets inductor build it; checked, and compiled or loaded from inductor's cache, before it is timed
+or run).
+
 ``RANKSERVE_KERNELS`` forces paths: ``gemm=native|fp32|fp32>=N`` and/or
-``attention=flash|matmul``, comma-separated (e.g. ``gemm=native,attention=flash``); a forced key is
+``attention=flash|matmul|paged``, comma-separated (e.g. ``gemm=native,attention=flash``); a forced key is
 not timed. ``RANKSERVE_KERNEL_CACHE`` moves the cache file (default
 ``~/.cache/rankserve/kernels.json``).
 """
@@ -27,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from rankserve.model.llama import DECODE_ATTENTION, KernelChoice, LlamaModel, DecodeGroup
+from rankserve.model.llama import DECODE_ATTENTION, DecodeGroup, KernelChoice, LlamaModel, paged_attention_works
 
 log = logging.getLogger(__name__)
 
@@ -64,14 +69,16 @@ def cpu_identity() -> dict[str, str]:
 
 def machine_key(model: LlamaModel) -> dict[str, str | int | bool]:
     """What a cached choice holds for: the machine, the torch build, threads, dtype, model shape,
-    whether fp32 GEMM copies were a candidate (a model built without them was never timed on them)
-    and the row counts timed. Call it before ``use_kernels``, which may drop the copies."""
+    whether fp32 GEMM copies were a candidate (a model built without them was never timed on them),
+    the row counts timed and the attention kernels that existed. Call it before ``use_kernels``,
+    which may drop the copies."""
     c = model.cfg
     device = torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else "cpu"
     return {
         **cpu_identity(), "device": device, "torch": torch.__version__, "threads": torch.get_num_threads(),
         "dtype": str(model.dtype).removeprefix("torch."), "fp32_copies": model.lm_head.has_fp32_copy,
         "gemm_rows": ",".join(map(str, GEMM_ROWS)),  # a choice timed at other row counts is timed again
+        "attention_kernels": ",".join(DECODE_ATTENTION),  # and one made before a kernel existed
         "shape": f"{c.num_layers}x{c.hidden_size}x{c.intermediate_size}/{c.num_heads}q{c.num_kv_heads}kv{c.head_dim}d/{c.vocab_size}v",
     }
 
@@ -152,27 +159,36 @@ def fp32_threshold(timings: dict[int, dict[str, float]]) -> int | None:
     return threshold
 
 
+def attention_candidates(model: LlamaModel, block_size: int = 16) -> list[str]:
+    """The decode attention kernels that run here: ``paged`` only where it compiles."""
+    return [name for name in DECODE_ATTENTION
+            if name != "paged" or paged_attention_works(model.cfg, model.dtype, model.device, block_size)]
+
+
 @torch.inference_mode()
 def time_decode_attention(model: LlamaModel, shapes: Sequence[tuple[int, int]] = ATTENTION_SHAPES,
                           block_size: int = 16) -> dict[str, float]:
-    """Seconds of one layer's decode attention for each kernel of ``DECODE_ATTENTION``, summed
-    over ``shapes``, on blocks scattered through a pool as a running engine leaves them."""
+    """Seconds of one layer's decode attention for each kernel of ``DECODE_ATTENTION`` that runs
+    here, summed over ``shapes``, on blocks scattered through a pool as a running engine leaves them."""
     c, dev = model.cfg, model.device
     kv, g, d = c.num_kv_heads, c.num_heads // c.num_kv_heads, c.head_dim
-    total = dict.fromkeys(DECODE_ATTENTION, 0.0)
+    kernels = {name: DECODE_ATTENTION[name] for name in attention_candidates(model, block_size)}
+    total = dict.fromkeys(kernels, 0.0)
     gen = torch.Generator().manual_seed(0)
     for batch, context in shapes:
         per_seq = -(-context // block_size)
         num_blocks = batch * per_seq + 8
-        pool = torch.randn(2, kv, num_blocks, block_size, d, generator=gen).to(dev, model.dtype)
+        with torch.inference_mode(False):  # a normal tensor, as the engine's pool (a compiled kernel is guarded on it)
+            pool = torch.randn(2, kv, num_blocks, block_size, d, generator=gen).to(dev, model.dtype)
         tables = torch.randperm(num_blocks, generator=gen)[: batch * per_seq]
         group = DecodeGroup(
             rows=torch.arange(batch, device=dev),
             blocks=(torch.arange(2 * kv)[:, None] * num_blocks + tables[None, :]).flatten().to(dev),
             mask=(torch.arange(per_seq * block_size) < context).expand(batch, -1)[:, None, None, :].to(dev),
+            tables=tables.view(batch, per_seq).to(dev),
         )
         q = torch.randn(batch, kv, g, d, generator=gen).to(dev, model.dtype)
-        runs = {name: (lambda f=f: f(q, pool, group)) for name, f in DECODE_ATTENTION.items()}
+        runs = {name: (lambda f=f: f(q, pool, group)) for name, f in kernels.items()}
         for name, seconds in _fastest_of(runs, _sync(model)).items():
             total[name] += seconds
     return total
@@ -200,6 +216,9 @@ def choose_kernels(model: LlamaModel, use_cache: bool = True) -> KernelChoice:
     from the cache, else timed now (a few seconds) and cached. Applies the choice to the model and
     returns it. On a GPU nothing is timed: the defaults run (the CUDA path is untested)."""
     forced = parse_forced(os.environ.get(ENV_FORCE, ""))
+    if forced.get("decode_attention") == "paged" and not paged_attention_works(model.cfg, model.dtype, model.device):
+        raise ValueError(f"{ENV_FORCE}: attention=paged cannot run here (torch.compile needs a C++ compiler; "
+                         "see the warning above)")
     if model.device.type != "cpu":
         choice = KernelChoice(forced.get("fp32_gemm_min_rows"),
                               forced.get("decode_attention", model.kernels.decode_attention),
@@ -230,6 +249,8 @@ def _cached_choice(entry: object, model: LlamaModel) -> KernelChoice | None:
     if attention not in DECODE_ATTENTION or not (min_rows is None or (isinstance(min_rows, int) and min_rows >= 1)):
         return None
     if min_rows is not None and not model.lm_head.has_fp32_copy:
+        return None
+    if attention == "paged" and not paged_attention_works(model.cfg, model.dtype, model.device):
         return None
     return KernelChoice(min_rows, attention, "cached")
 
