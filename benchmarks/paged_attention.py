@@ -79,7 +79,8 @@ def time_kernels(args: argparse.Namespace) -> None:
     for batch in (int(b) for b in args.batches.split(",")):
         per_seq = -(-args.context // BS)
         num_blocks = batch * per_seq + 8
-        pool = torch.randn(2, KV, num_blocks, BS, D, dtype=torch.bfloat16)
+        with torch.inference_mode(False):  # a normal tensor, as the engine's pool (the compiled graph is guarded on it)
+            pool = torch.randn(2, KV, num_blocks, BS, D, dtype=torch.bfloat16)
         tables = torch.randperm(num_blocks)[: batch * per_seq].view(batch, per_seq)
         valid = (torch.arange(per_seq * BS) < args.context).expand(batch, -1)
         group = DecodeGroup(rows=torch.arange(batch),
