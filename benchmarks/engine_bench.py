@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rankserve.bench.client import server_counter
 from rankserve.bench.experiment import SimSpec, parse_system, simulate_trace
 from rankserve.bench.workloads import arrival_times
 from rankserve.cli.bench import bench_workload
@@ -44,6 +45,8 @@ from rankserve.sim.cost_model import get_cost_model
 from rankserve.sim.machine import cpu_model
 
 RANKSERVE = [sys.executable, "-m", "rankserve.cli.main"]
+ENGINE_COUNTERS = ("rankserve:engine_steps", "rankserve:engine_busy_seconds", "rankserve:predictor_scoring_seconds",
+                   "rankserve:engine_prefill_tokens", "rankserve:engine_decode_tokens")
 
 
 def system_spec(system: str, args) -> SimSpec:
@@ -66,6 +69,13 @@ def rankserve_command(system: str, port: int, args) -> list[str]:
         if weights is not None:
             cmd += ["--predictor-weights", str(weights)]
     return cmd
+
+
+def engine_counters(url: str) -> dict[str, float]:
+    """The rankserve engine thread's totals over the server's life (every rate of the run: steps,
+    seconds busy in steps, seconds scoring arrivals, tokens); {} from a server without them (vLLM)."""
+    values = {name.removeprefix("rankserve:"): server_counter(url, name) for name in ENGINE_COUNTERS}
+    return {name: value for name, value in values.items() if value is not None}
 
 
 def predictor_weights(predictor: str, args) -> Path | None:
@@ -219,6 +229,10 @@ def main() -> None:
         with running_server(command(port), port, args.out / f"{label}.log", env) as url:
             subprocess.run(RANKSERVE + ["bench", "--url", url + "/v1", "--label", label,
                                         "--out", str(args.out), "--no-progress", *bench_args(args)], check=True)
+            engine = engine_counters(url)
+            if engine:
+                (args.out / f"{label}.engine.json").write_text(json.dumps(engine, indent=2) + "\n")
+                print(f"{label}, engine thread over all rates: " + ", ".join(f"{k} {v:.4g}" for k, v in engine.items()))
     subprocess.run(RANKSERVE + ["bench-report", *[str(args.out / f"{label}.json") for label, _, _ in runs],
                                 "--baseline", "fcfs", "--out", str(args.out)], check=True)
     if args.simulate:
