@@ -250,3 +250,21 @@ def test_text_model_learns_and_predicts_through_the_interface(kind, tmp_path):
     np.testing.assert_allclose([r.score for r in again[:4]], [r.score for r in reqs[:4]], rtol=1e-3, atol=1e-4)
     small.score([Request([1, 2], SamplingParams(max_tokens=8), prompt_text=t) for t in test_texts])
     assert len(small._cache) == 8  # bounded
+
+
+def test_arrivals_are_scored_in_groups_of_similar_length_with_the_same_scores():
+    """One long prompt among short ones is scored apart (the short ones are not padded to it),
+    and a prompt's score does not depend on the prompts it arrived with."""
+    from rankserve.learn.text_model import GROUP_COST_TOKENS, TextLengthModel, _padding_groups
+
+    assert _padding_groups([12, 10, 250, 11], 64) == [[1, 3, 0], [2]]
+    assert _padding_groups([12, 12, 14], 64) == [[0, 1, 2]]  # padding 4 tokens costs less than a batch
+    assert sorted(map(len, _padding_groups([10] * 5, 2))) == [1, 2, 2]  # at most batch_size each
+    assert GROUP_COST_TOKENS > 2
+    model = TextLengthModel(TextModelConfig(kind="ranker", trainable_layers=1, max_length=64))
+    texts = ["Answer yes or no: cats.", "Write a long story about " + "the sea and its storms, " * 12,
+             "Give one word for rain.", "Summarise in a sentence: trains."]
+    together, _, bottoms = model.score_texts(texts, keep_bottoms=True)
+    alone = [model.score_texts([t])[0][0] for t in texts]
+    np.testing.assert_allclose(together, alone, rtol=1e-4, atol=1e-5)
+    assert [b.shape[0] for b in bottoms] == [len(x) for x in model.tokenizer(texts, truncation=True, max_length=64)["input_ids"]]

