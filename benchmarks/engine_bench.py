@@ -41,12 +41,11 @@ from rankserve.cli.bench import bench_workload
 from rankserve.cli.main import warn_other_cpu
 from rankserve.integrations.vllm_server import free_port, running_server, vllm_server_command, vllm_server_env
 from rankserve.learn import LEARNED_NAMES
+from rankserve.server.metrics import ENGINE_COUNTERS
 from rankserve.sim.cost_model import get_cost_model
 from rankserve.sim.machine import cpu_model
 
 RANKSERVE = [sys.executable, "-m", "rankserve.cli.main"]
-ENGINE_COUNTERS = ("rankserve:engine_steps", "rankserve:engine_busy_seconds", "rankserve:predictor_scoring_seconds",
-                   "rankserve:engine_prefill_tokens", "rankserve:engine_decode_tokens")
 
 
 def system_spec(system: str, args) -> SimSpec:
@@ -73,8 +72,9 @@ def rankserve_command(system: str, port: int, args) -> list[str]:
 
 def engine_counters(url: str) -> dict[str, float]:
     """The rankserve engine thread's totals over the server's life (every rate of the run: steps,
-    seconds busy in steps, seconds scoring arrivals, tokens); {} from a server without them (vLLM)."""
-    values = {name.removeprefix("rankserve:"): server_counter(url, name) for name in ENGINE_COUNTERS}
+    seconds busy in steps, seconds scoring arrivals, tokens, predictor failures); {} from a server
+    without them (vLLM)."""
+    values = {name.removeprefix("rankserve:"): server_counter(url, name) for name, _, _ in ENGINE_COUNTERS}
     return {name: value for name, value in values.items() if value is not None}
 
 

@@ -87,13 +87,11 @@ def time_kernels(args: argparse.Namespace) -> None:
                             blocks=(torch.arange(2 * KV)[:, None] * num_blocks + tables.flatten()[None, :]).flatten(),
                             mask=valid[:, None, None, :], tables=tables)
         q = torch.randn(batch, KV, G, D, dtype=torch.bfloat16)
-        kernels = {name: f for name, f in DECODE_ATTENTION.items() if name != "paged" or compiled}
-        runs = {("gather+" if name != "paged" else "") + name: (lambda f=f: f(q, pool, group), 0.0)
-                for name, f in kernels.items()}
-        if compiled:
-            runs["paged (compiled)"] = (runs.pop("paged")[0], paged_compile_s)
+        runs = {f"gather+{name}": (lambda f=f: f(q, pool, group), 0.0)
+                for name, f in DECODE_ATTENTION.items() if name != "paged"}
         ref = DECODE_ATTENTION["flash"](q, pool, group)
         if compiled:
+            runs["paged (compiled)"] = (lambda: DECODE_ATTENTION["paged"](q, pool, group), paged_compile_s)
             run = flex_runner(q, pool, tables, args.context)
             started = time.perf_counter()
             out = run()

@@ -215,13 +215,9 @@ class TextLengthModel(nn.Module):
         bottoms: list[torch.Tensor | None] = [None] * len(texts)
         ids = self.tokenizer(list(texts), truncation=True, max_length=self.config.max_length)["input_ids"]
         for idx in _padding_groups([len(x) for x in ids], batch_size):
-            longest = max(len(ids[i]) for i in idx)
-            input_ids = torch.full((len(idx), longest), self.tokenizer.pad_token_id, dtype=torch.long)
-            mask = torch.zeros(len(idx), longest, dtype=torch.long)
-            for row, i in enumerate(idx):
-                input_ids[row, : len(ids[i])] = torch.tensor(ids[i])
-                mask[row, : len(ids[i])] = 1
-            h = self._embeddings(input_ids=input_ids, token_type_ids=torch.zeros_like(input_ids))
+            enc = self.tokenizer.pad({"input_ids": [ids[i] for i in idx]}, return_tensors="pt")
+            mask = enc["attention_mask"]
+            h = self._embeddings(input_ids=enc["input_ids"], token_type_ids=torch.zeros_like(enc["input_ids"]))
             for layer in self._bottom:
                 h = _run_layer(layer, h, mask)
             if keep_bottoms:

@@ -18,7 +18,7 @@ if TYPE_CHECKING:  # the recorder needs torch; these metrics do not
 
 # The engine thread's totals (vLLM has no names for these): rate(busy) is the share of its
 # capacity in use, scoring / busy the predictor's overhead, tokens / steps the mean batch.
-_ENGINE_COUNTERS = (
+ENGINE_COUNTERS = (
     ("rankserve:engine_steps", "Engine steps run.", "steps"),
     ("rankserve:engine_busy_seconds", "Seconds spent inside engine steps.", "busy_s"),
     ("rankserve:predictor_scoring_seconds", "Seconds spent scoring arrivals at admission.", "scoring_s"),
@@ -77,7 +77,7 @@ class ServerMetrics:
                                      labels=["model_name", *self._kernels])
             info.add_metric([self._label["model_name"], *self._kernels.values()], 1)
             yield info
-        for stats, counters in ((self._engine_stats, _ENGINE_COUNTERS), (self._record_stats, _RECORD_COUNTERS)):
+        for stats, counters in ((self._engine_stats, ENGINE_COUNTERS), (self._record_stats, _RECORD_COUNTERS)):
             if stats is None:
                 continue
             for name, doc, attr in counters:
