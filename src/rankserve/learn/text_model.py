@@ -89,6 +89,11 @@ def _padding_groups(token_counts: Sequence[int], batch_size: int) -> list[list[i
     return [g[i : i + batch_size] for g in groups for i in range(0, len(g), batch_size)]
 
 
+def _unpadded_bf16(h: torch.Tensor, mask: torch.Tensor, row: int) -> torch.Tensor:
+    """One text's rows of a padded batch, as bfloat16 (what the record caches keep)."""
+    return h[row, : int(mask[row].sum())].to(torch.bfloat16).clone()
+
+
 class TextLengthModel(nn.Module):
     """Frozen bottom of the encoder + trainable top layers + mean pooling + a head."""
 
@@ -124,19 +129,24 @@ class TextLengthModel(nn.Module):
     @torch.no_grad()
     def encode_bottom(self, texts: Sequence[str], batch_size: int = 32) -> list[torch.Tensor]:
         """The frozen layers' output for each text: [tokens, hidden] (bfloat16, to keep caches small)."""
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         result: list[torch.Tensor | None] = [None] * len(texts)
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            enc = self.tokenizer([texts[i] for i in idx], padding=True, truncation=True,
-                                 max_length=self.config.max_length, return_tensors="pt")
-            h = self._embeddings(input_ids=enc["input_ids"], token_type_ids=enc["token_type_ids"])
+        for idx, h, mask in self._bottom_groups(texts, batch_size):
+            for row, i in enumerate(idx):
+                result[i] = _unpadded_bf16(h, mask, row)
+        return result  # type: ignore[return-value]
+
+    def _bottom_groups(self, texts: Sequence[str],
+                       batch_size: int) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
+        """(indices, frozen-layer output, attention mask), one pass per group of similar token
+        count (``_padding_groups``), padded to the group's longest text."""
+        ids = self.tokenizer(list(texts), truncation=True, max_length=self.config.max_length)["input_ids"]
+        for idx in _padding_groups([len(x) for x in ids], batch_size):
+            enc = self.tokenizer.pad({"input_ids": [ids[i] for i in idx]}, return_tensors="pt")
             mask = enc["attention_mask"]
+            h = self._embeddings(input_ids=enc["input_ids"], token_type_ids=torch.zeros_like(enc["input_ids"]))
             for layer in self._bottom:
                 h = _run_layer(layer, h, mask)
-            for row, i in enumerate(idx):
-                result[i] = h[row, : int(mask[row].sum())].to(torch.bfloat16).clone()
-        return result  # type: ignore[return-value]
+            yield idx, h, mask
 
     def forward_top(self, bottoms: Sequence[torch.Tensor]) -> torch.Tensor:
         """Head outputs [n, out] for cached bottom states (padded into one batch)."""
@@ -213,16 +223,10 @@ class TextLengthModel(nn.Module):
         scores = np.zeros(len(texts))
         lengths = np.zeros(len(texts))
         bottoms: list[torch.Tensor | None] = [None] * len(texts)
-        ids = self.tokenizer(list(texts), truncation=True, max_length=self.config.max_length)["input_ids"]
-        for idx in _padding_groups([len(x) for x in ids], batch_size):
-            enc = self.tokenizer.pad({"input_ids": [ids[i] for i in idx]}, return_tensors="pt")
-            mask = enc["attention_mask"]
-            h = self._embeddings(input_ids=enc["input_ids"], token_type_ids=torch.zeros_like(enc["input_ids"]))
-            for layer in self._bottom:
-                h = _run_layer(layer, h, mask)
+        for idx, h, mask in self._bottom_groups(texts, batch_size):
             if keep_bottoms:
                 for row, i in enumerate(idx):
-                    bottoms[i] = h[row, : int(mask[row].sum())].to(torch.bfloat16).clone()
+                    bottoms[i] = _unpadded_bf16(h, mask, row)
             s, ln = self.outputs_to_predictions(self._pool_top(h, mask))
             scores[idx] = s
             lengths[idx] = ln if ln is not None else np.nan
