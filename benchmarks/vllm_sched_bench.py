@@ -41,7 +41,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from rankserve.bench.client import BenchItem, bench_summary, build_items, per_request_rows, run_bench, server_preemptions
+from rankserve.bench.client import (BenchItem, bench_summary, build_items, per_request_rows, run_bench,
+                                    server_preemptions, server_samples)
 from rankserve.bench.workloads import arrival_times
 from rankserve.cli.bench import bench_workload
 from rankserve.integrations.vllm_server import (
@@ -103,6 +104,17 @@ def workload_items(args, rate: float, oracle: bool) -> list[BenchItem]:
     return items
 
 
+# vLLM's engine counters, to tell where a system's time went: steps, tokens run (recomputed ones
+# too), prompt tokens found in the prefix cache.
+ENGINE_SAMPLES = {"steps": "vllm:iteration_tokens_total_count", "tokens_run": "vllm:iteration_tokens_total_sum",
+                  "prefix_cache_hit_tokens": "vllm:prefix_cache_hits_total"}
+
+
+def engine_samples(metrics_url: str) -> dict[str, float]:
+    found = server_samples(metrics_url, ENGINE_SAMPLES.values())
+    return {key: found[name] for key, name in ENGINE_SAMPLES.items() if name in found}
+
+
 def read_stats(args, system: str) -> dict:
     path = args.out / f"{system}.stats.json"
     return json.loads(path.read_text()) if path.exists() else {}
@@ -118,6 +130,7 @@ def run_system(system: str, args) -> list[dict]:
             items = workload_items(args, rate, oracle=system == "vllm-ltr+oracle")
             metrics_url = (vllm_url or url) + "/v1"
             before, preempted_before = read_stats(args, system), server_preemptions(metrics_url)
+            engine_before = engine_samples(metrics_url)
             results = run_bench(url + "/v1", SERVED_MODEL_NAME, items, progress=False)
             time.sleep(3)  # the class writes its counters every 2 s while it steps
             summary = bench_summary(results)
@@ -125,17 +138,21 @@ def run_system(system: str, args) -> list[dict]:
             summary["preemptions"] = (None if preempted_before is None or preempted_after is None
                                       else preempted_after - preempted_before)
             after = read_stats(args, system)
+            engine_after = engine_samples(metrics_url)
             record = {"system": system,
                       "spec": {"rate": None if math.isinf(rate) else rate, "dataset": "sharegpt", "replay": "reference",
                                "arrival": "poisson", "num_requests": args.num_requests, "max_tokens": args.max_tokens,
                                "length_scale": args.length_scale, "seed": args.seed,
                                "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens},
                       "summary": summary, "requests": per_request_rows(results)}
+            if engine_after:
+                record["engine"] = {k: v - engine_before.get(k, 0.0) for k, v in engine_after.items()}
             if after:
                 record["rank_stats"] = {k: after[k] - before.get(k, 0) for k in after if k != "policy"}
             records.append(record)
             print(f"{system} rate {rate:g}: mean latency/token {summary['mean_latency_per_token_s'] * 1e3:.0f} ms, "
-                  f"{summary['throughput_rps']:.2f} req/s, {summary['num_aborted']} failed", flush=True)
+                  f"{summary['throughput_rps']:.2f} req/s, {summary['num_aborted']} failed, "
+                  f"engine {record.get('engine')}", flush=True)
     return records
 
 

@@ -138,3 +138,27 @@ def test_server_preemptions_reads_the_vllm_counter(monkeypatch):
     assert server_preemptions("http://h:2/v1/") == 0  # declared, no sample yet
     assert server_preemptions("http://h:3/v1") is None  # a server without the metric
     assert server_preemptions("http://h:4/v1") == 5
+
+
+def test_server_samples_sums_histogram_parts_over_labels(monkeypatch):
+    import httpx
+
+    from rankserve.bench.client import server_samples
+
+    page = ('# TYPE vllm:iteration_tokens_total histogram\n'
+            'vllm:iteration_tokens_total_bucket{engine="0",le="1.0"} 2.0\n'
+            'vllm:iteration_tokens_total_count{engine="0"} 10.0\n'
+            'vllm:iteration_tokens_total_sum{engine="0"} 300.0\n'
+            'vllm:iteration_tokens_total_count{engine="1"} 5.0\n'
+            'vllm:iteration_tokens_total_sum{engine="1"} 45.0\n')
+
+    def get(url, **kw):
+        if "down" in url:
+            raise httpx.ConnectError("refused")
+        return httpx.Response(200, text=page)
+
+    monkeypatch.setattr(httpx, "get", get)
+    names = ["vllm:iteration_tokens_total_count", "vllm:iteration_tokens_total_sum", "vllm:prefix_cache_hits_total"]
+    assert server_samples("http://h:1/v1", names) == {"vllm:iteration_tokens_total_count": 15.0,
+                                                      "vllm:iteration_tokens_total_sum": 345.0}
+    assert server_samples("http://down:1/v1", names) == {}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -154,9 +154,8 @@ def bench_summary(results: Sequence[Request], slo: SLO | None = None) -> dict[st
     return out
 
 
-def server_counter(base_url: str, name: str, api_key: str | None = None) -> float | None:
-    """The server's counter ``name`` (its ``_total`` samples summed over labels); None if the server
-    cannot be reached or has no such metric."""
+def _metric_families(base_url: str, api_key: str | None) -> list | None:
+    """The server's /metrics, parsed; None if it cannot be reached."""
     import httpx
 
     root = base_url.rstrip("/").removesuffix("/v1")
@@ -165,12 +164,30 @@ def server_counter(base_url: str, name: str, api_key: str | None = None) -> floa
         text = httpx.get(root + "/metrics", headers=headers, timeout=10).text
     except httpx.HTTPError:
         return None
+    return list(text_string_to_metric_families(text))
+
+
+def server_counter(base_url: str, name: str, api_key: str | None = None) -> float | None:
+    """The server's counter ``name`` (its ``_total`` samples summed over labels); None if the server
+    cannot be reached or has no such metric."""
+    families = _metric_families(base_url, api_key)
     # The family drops "_total"; an untyped family keeps it.
-    families = [f for f in text_string_to_metric_families(text) if f.name in (name, name + "_total")]
+    families = [f for f in families or () if f.name in (name, name + "_total")]
     if not families:
         return None
     # A labelled counter has no sample until its first increment: then it is 0.
     return float(sum(s.value for f in families for s in f.samples if s.name == name + "_total"))
+
+
+def server_samples(base_url: str, names: Iterable[str], api_key: str | None = None) -> dict[str, float]:
+    """The named samples of the server's /metrics, each summed over labels (a histogram's
+    ``NAME_count`` and ``NAME_sum`` too); samples the server does not have are left out."""
+    wanted, found = set(names), {}
+    for family in _metric_families(base_url, api_key) or ():
+        for sample in family.samples:
+            if sample.name in wanted:
+                found[sample.name] = found.get(sample.name, 0.0) + float(sample.value)
+    return found
 
 
 def server_preemptions(base_url: str, api_key: str | None = None) -> int | None:
