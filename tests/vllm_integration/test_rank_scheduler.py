@@ -62,6 +62,24 @@ def test_better_ranked_arrival_preempts_the_worst_running_one(make_scheduler, ma
     assert free_blocks(s) == initial_free  # every KV block back in the pool
 
 
+@pytest.mark.parametrize("mode", ["patient", "eager"])
+def test_patient_preemption_waits_for_a_slot_that_frees_first(make_scheduler, make_request, driver, mode):
+    s = make_scheduler(max_num_seqs=2, additional={"rankserve_preemption": mode})
+    for rid, length in (("slow", 30), ("short", 3)):
+        s.add_request(make_request(rid, max_tokens=length,
+                                   xargs={"rankserve_score": length, "rankserve_predicted_len": length}))
+    d = driver(s)
+    d.step()
+    d.step()
+    # "short" has at most 2 tokens to go, fewer than the newcomer's 4: patient waits for its slot.
+    s.add_request(make_request("fast", max_tokens=4, xargs={"rankserve_score": 4, "rankserve_predicted_len": 4}))
+    d.run()
+    assert d.preempted == ([] if mode == "patient" else ["slow"])
+    assert s.stats.rank_preemptions == (0 if mode == "patient" else 1)
+    assert sorted(d.finished) == ["fast", "short", "slow"]
+    assert d.finished.index("fast") < d.finished.index("slow")
+
+
 def test_sjf_orders_but_does_not_preempt(make_scheduler, make_request, driver):
     s = make_scheduler(max_num_seqs=1, additional={"rankserve_policy": "sjf"})
     s.add_request(make_request("long", max_tokens=5, xargs={"rankserve_score": 9}))
@@ -201,9 +219,10 @@ def test_a_request_aborted_while_the_thread_scores_it_is_dropped_cleanly(make_sc
 
 
 @pytest.mark.parametrize("bad", [{"rankserve_policy": "lifo"}, {"rankserve_policy_args": "{not json"},
-                                 {"rankserve_policy_args": {"no_such_knob": 1}}, {"rankserve_predictor": "psychic"}])
+                                 {"rankserve_policy_args": {"no_such_knob": 1}}, {"rankserve_predictor": "psychic"},
+                                 {"rankserve_preemption": "sometimes"}])
 def test_bad_settings_fail_at_startup_with_a_clear_error(make_scheduler, bad):
-    with pytest.raises(ValueError, match="lifo|JSON|no_such_knob|psychic"):
+    with pytest.raises(ValueError, match="lifo|JSON|no_such_knob|psychic|RANKSERVE_PREEMPTION"):
         make_scheduler(additional=bad)
 
 
