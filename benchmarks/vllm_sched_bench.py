@@ -104,8 +104,9 @@ def workload_items(args, rate: float, oracle: bool) -> list[BenchItem]:
     return items
 
 
-# vLLM's engine counters, to tell where a system's time went: steps, tokens run (recomputed ones
-# too), prompt tokens found in the prefix cache.
+# vLLM's engine counters, to tell where a system's time went: steps that produced output, their
+# prompt + generated tokens (vLLM leaves recomputation after a preemption out), and prompt tokens
+# found in the prefix cache (resumed requests' hits are not in it either).
 ENGINE_SAMPLES = {"steps": "vllm:iteration_tokens_total_count", "tokens_run": "vllm:iteration_tokens_total_sum",
                   "prefix_cache_hit_tokens": "vllm:prefix_cache_hits_total"}
 
