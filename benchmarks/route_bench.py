@@ -74,6 +74,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("out/route_bench"))
     args = ap.parse_args()
+    if args.ray_python and os.sep in args.ray_python:
+        args.ray_python = os.path.abspath(args.ray_python)  # the servers start in /tmp
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # stop the servers on the way out
     bad = [r for r in args.routers if r not in ROUTER_NAMES]
     if bad:

@@ -155,6 +155,8 @@ def test_server_samples_sums_histogram_parts_over_labels(monkeypatch):
     def get(url, **kw):
         if "down" in url:
             raise httpx.ConnectError("refused")
+        if "nometrics" in url:
+            return httpx.Response(404, json={"detail": "Not Found"})
         return httpx.Response(200, text=page)
 
     monkeypatch.setattr(httpx, "get", get)
@@ -162,3 +164,4 @@ def test_server_samples_sums_histogram_parts_over_labels(monkeypatch):
     assert server_samples("http://h:1/v1", names) == {"vllm:iteration_tokens_total_count": 15.0,
                                                       "vllm:iteration_tokens_total_sum": 345.0}
     assert server_samples("http://down:1/v1", names) == {}
+    assert server_samples("http://nometrics:1/v1", names) == {}  # a 404 is no metrics, not an error

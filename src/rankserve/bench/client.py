@@ -155,16 +155,21 @@ def bench_summary(results: Sequence[Request], slo: SLO | None = None) -> dict[st
 
 
 def _metric_families(base_url: str, api_key: str | None) -> list | None:
-    """The server's /metrics, parsed; None if it cannot be reached."""
+    """The server's /metrics, parsed; None if it cannot be reached or serves none."""
     import httpx
 
     root = base_url.rstrip("/").removesuffix("/v1")
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
-        text = httpx.get(root + "/metrics", headers=headers, timeout=10).text
+        response = httpx.get(root + "/metrics", headers=headers, timeout=10)
     except httpx.HTTPError:
         return None
-    return list(text_string_to_metric_families(text))
+    if response.status_code != 200:
+        return None  # no /metrics there (e.g. Ray Serve's ingress): a 404's JSON body is no exposition
+    try:
+        return list(text_string_to_metric_families(response.text))
+    except ValueError:
+        return None
 
 
 def server_counter(base_url: str, name: str, api_key: str | None = None) -> float | None:

@@ -255,4 +255,9 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Run from the importable module, not __main__: Ray pickles __main__'s classes by value, and
+    # the replicas' processes would then never import this module (nor rankserve.learn, which
+    # registers the learned predictors: "unknown predictor 'classifier'").
+    from rankserve.server.ray_serve import main as module_main
+
+    module_main()
