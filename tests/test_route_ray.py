@@ -27,14 +27,18 @@ from test_route_proxy import ScoreOnly  # noqa: E402
 MODEL = "smollm2-135m-instruct"
 
 
-@pytest.fixture(scope="module")
-def url():
+def _needs_the_model() -> None:
     from rankserve.model.loader import ModelNotFoundError, load_model_dir
 
     try:
         load_model_dir(None)
     except ModelNotFoundError as exc:
         pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="module")
+def url():
+    _needs_the_model()
     port = free_port()
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
@@ -55,6 +59,25 @@ def _up(base: str) -> bool:
         return httpx.get(base + "/v1/models", timeout=5).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+# First in the file: it starts its own local Ray, which must not meet the `url` fixture's.
+def test_the_module_command_deploys_with_a_learned_predictor(tmp_path):
+    """The README's ``python -m rankserve.server.ray_serve``: the replicas must import rankserve's
+    learned predictors (they did not while the app was built in __main__)."""
+    import sys
+
+    from rankserve.integrations.vllm_server import running_server
+
+    _needs_the_model()
+    port = free_port()
+    cmd = [sys.executable, "-m", "rankserve.server.ray_serve", "--port", str(port), "--num-cpus", "2",
+           "replicas=1", "predictor=classifier", "tokenizer=approx", "policy=fcfs", "max_num_seqs=2",
+           "kv_cache_gb=0.1", "swap_space_gb=0.1"]
+    with running_server(cmd, port, tmp_path / "ray.log", timeout_s=240) as base:
+        r = httpx.post(base + "/v1/completions", json={"model": MODEL, "prompt": "Hello", "max_tokens": 3}, timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] == 3
 
 
 def test_completions_stream_and_errors_through_serve(url):
