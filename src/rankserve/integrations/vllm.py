@@ -286,6 +286,11 @@ class _RankMixin:
         except json.JSONDecodeError as exc:
             raise ValueError(f"RANKSERVE_POLICY_ARGS must be a JSON object: {exc}") from None
         self.policy: Policy = make_policy(policy_name, **policy_args)
+        # Settings are checked before the predictor loads, so a typo fails at once.
+        preemption = _setting(additional, "RANKSERVE_PREEMPTION", "patient")
+        if preemption not in PREEMPTION_MODES:
+            raise ValueError(f"RANKSERVE_PREEMPTION must be one of {', '.join(PREEMPTION_MODES)}, got {preemption!r}")
+        self.patient = preemption == "patient"
         self.predictor: Predictor | None = None
         self._tokenizer = None
         if self.policy.needs_prediction:
@@ -301,13 +306,9 @@ class _RankMixin:
         self.waiting = RankQueue(self)
         self.kv_holding_waiting = RankQueue(self)
         thread = _setting(additional, "RANKSERVE_SCORING_THREAD", "1") not in ("0", "false", "False")
-        preemption = _setting(additional, "RANKSERVE_PREEMPTION", "patient")
-        if preemption not in PREEMPTION_MODES:
-            raise ValueError(f"RANKSERVE_PREEMPTION must be one of {', '.join(PREEMPTION_MODES)}, got {preemption!r}")
-        self.patient = preemption == "patient"
         self._scorer = _ScoringThread(self._score_batch) if self.predictor is not None and thread else None
-        logger.info("rankserve scheduler: policy %s, predictor %s", self.policy.describe(),
-                    "none (scores from vllm_xargs only)" if self.predictor is None else self.predictor.name)
+        logger.info("rankserve scheduler: policy %s, %s rank preemption, predictor %s", self.policy.describe(),
+                    preemption, "none (scores from vllm_xargs only)" if self.predictor is None else self.predictor.name)
 
     def _load_predictor(self, additional: dict) -> Predictor | None:
         name = _setting(additional, "RANKSERVE_PREDICTOR", "ranker")
@@ -473,8 +474,7 @@ class _RankMixin:
         needed = work(candidate) if work is not None else None
         if needed is None:
             return False
-        left = [work(self._twins[r.request_id]) for r in self.running]
-        return any(w is not None and w <= needed for w in left)
+        return any(w is not None and w <= needed for w in (work(self._twins[r.request_id]) for r in self.running))
 
     def _preempt_by_rank(self) -> None:
         policy = self.policy
