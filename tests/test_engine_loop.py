@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import pytest
@@ -259,15 +260,15 @@ def test_an_admission_that_raises_rejects_its_batch_and_the_engine_serves_on(cap
     scheduler = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64), make_policy("fcfs"), pool,
                           WallClock())
     core = EngineCore(scheduler, CountingExecutor())
-    real_add = core.add_requests
+    real_queue = core.queue_scored
     broken = {"yes": True}
 
-    def add_requests(reqs):
+    def queue_scored(reqs, failed):
         if broken["yes"]:
             raise MemoryError("no room for the batch")
-        return real_add(reqs)
+        return real_queue(reqs, failed)
 
-    core.add_requests = add_requests
+    core.queue_scored = queue_scored
     loop = EngineLoop(core)
     ended: list[Request] = []
     batch = [request(5, ignore_eos=True) for _ in range(3)]
@@ -330,3 +331,80 @@ def test_a_predictor_that_raises_queues_its_request_in_arrival_order(caplog):
     assert all(r.finish_reason is FinishReason.LENGTH for r in ended)
     assert loop.stats.predictor_failures == 2
     assert len([r for r in caplog.records if "predictor" in r.getMessage()]) == 1  # logged once
+
+
+class GatedRanker(Predictor):
+    """Scores by prompt length once ``release`` is set; notes the engine's step count meanwhile."""
+
+    name = "gated"
+    gives_lengths = False
+
+    def __init__(self, loop_stats) -> None:
+        self.stats = loop_stats
+        self.started = threading.Event()
+        self.release = threading.Event()
+        self.steps_while_scoring = 0
+
+    def score(self, requests):
+        steps = self.stats().steps
+        self.started.set()
+        self.release.wait(5)
+        self.steps_while_scoring = self.stats().steps - steps
+        for r in requests:
+            r.set_prediction(float(r.prompt_len))
+
+
+def gated_loop(scoring_thread: bool) -> tuple[EngineLoop, GatedRanker, BlockManager]:
+    pool = BlockManager(128, 0, block_size=4)
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64), make_policy("sjf"),
+                          pool, WallClock())
+    holder: list[EngineLoop] = []
+    ranker = GatedRanker(lambda: holder[0].stats)
+    loop = EngineLoop(EngineCore(scheduler, CountingExecutor(delay_s=0.002), ranker), scoring_thread=scoring_thread)
+    holder.append(loop)
+    return loop, ranker, pool
+
+
+@pytest.mark.parametrize("scoring_thread", [True, False])
+def test_steps_go_on_while_arrivals_are_scored_on_the_scoring_thread(scoring_thread):
+    loop, ranker, _ = gated_loop(scoring_thread)
+    ranker.release.set()  # the first request scores at once
+    running = request(300, ignore_eos=True)
+    loop.submit(running, lambda out: None)
+    loop.start()
+    try:
+        assert wait_until(lambda: running.num_output_tokens > 0)
+        ranker.release.clear()
+        ranker.started.clear()
+        newcomer = request(3, ignore_eos=True)
+        loop.submit(newcomer, lambda out: None)
+        assert ranker.started.wait(5)
+        time.sleep(0.2)  # about 100 steps of 2 ms, if the loop is not held up
+        ranker.release.set()
+        assert wait_until(lambda: newcomer.status.is_done)
+    finally:
+        loop.stop()
+    if scoring_thread:
+        assert ranker.steps_while_scoring > 20 and loop.stats.scoring_wait_s < 0.1
+    else:
+        assert ranker.steps_while_scoring == 0 and loop.stats.scoring_wait_s >= 0.2
+    assert loop.stats.scoring_s >= 0.2  # the scoring itself is counted wherever it ran
+
+
+def test_a_request_aborted_while_being_scored_ends_and_never_queues():
+    loop, ranker, pool = gated_loop(scoring_thread=True)
+    ended: list[Request] = []
+    req = request(5, ignore_eos=True)
+    loop.submit(req, lambda out: out.finished and ended.append(out.request))
+    loop.start()
+    try:
+        assert ranker.started.wait(5)
+        assert loop.num_waiting == 1  # being scored still counts as waiting
+        loop.abort(req.request_id, "client disconnected")
+        assert wait_until(lambda: ended == [req])
+        ranker.release.set()
+        assert wait_until(lambda: loop.num_waiting == 0)
+        assert req.status is RequestStatus.ABORTED and req.abort_reason == "client disconnected"
+        assert not loop.core.scheduler.has_work and pool.num_free_device_blocks == 128
+    finally:
+        loop.stop()

@@ -305,6 +305,27 @@ def test_ltr_preempts_only_when_the_work_gap_pays_for_the_preemption():
     assert ran(out) == ["c"] and out.preempted == [a]
 
 
+@pytest.mark.parametrize("name", ["srpt", "ltr"])
+@pytest.mark.parametrize("patient", [False, True])
+def test_a_patient_policy_waits_for_a_slot_that_frees_within_the_newcomers_work(name, patient):
+    params = {"starvation_prevention": False, "length_exponent": 0, "confidence_z": 0} if name == "ltr" else {}
+    h = Harness(make_policy(name, patient=patient, **params), max_num_seqs=2)
+    slow = h.add(40, pred=40, name="slow")
+    h.add(4, pred=4, name="short")
+    h.step()
+    h.step()  # short has 2 tokens left, slow 38
+    h.add(5, pred=5, name="new")  # needs 5 steps; short's slot frees within 2
+    out = h.step()
+    assert out.preempted == ([] if patient else [slow])
+    # When no slot frees within the newcomer's work, a patient policy displaces as before.
+    h = Harness(make_policy(name, patient=patient, **params), max_num_seqs=2)
+    slow = h.add(40, pred=40, name="slow")
+    h.add(30, pred=30, name="long")
+    h.step()
+    h.add(3, pred=3, name="tiny")
+    assert h.step().preempted == [slow]
+
+
 def test_ltr_margin_shrinks_to_srpt_when_predictions_prove_exact():
     policy = LearningToRank(starvation_prevention=False, length_exponent=0)
     h = Harness(policy, max_num_seqs=4)

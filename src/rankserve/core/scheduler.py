@@ -34,15 +34,17 @@ def displaced_by_rank(policy: Policy, running: Iterable[Request], queued_best_fi
     """Algorithm 1's rank preemption: the running requests that queued ones should displace.
 
     The worst-ranked preemptible running request is paired with the best queued one, the next
-    worst with the next best, while the queued one should take the running one's place. The
+    worst with the next best, while the queued one should take the running one's place; nobody is
+    displaced while the best queued request would rather wait for a slot (a patient policy). The
     iterator is consumed only as far as needed (one past the last displacement). Shared by this
     scheduler and the vLLM integration, so both preempt by the same rule."""
+    running = list(running)
     victims = [r for r in running if policy.may_be_preempted(r)]
     if not victims:
         return []
     best = next(queued_best_first, None)
     worst = max(victims, key=policy.key)
-    if best is None or not policy.should_preempt(worst, best):
+    if best is None or not policy.should_preempt(worst, best) or policy.waits_for_a_slot(best, running):
         return []  # the common case: one comparison, no sort
     victims.sort(key=policy.key, reverse=True)
     displaced: list[Request] = []

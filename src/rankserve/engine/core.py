@@ -49,17 +49,16 @@ class EngineCore:
     def add_requests(self, requests: Sequence[Request]) -> int:
         """Score new requests in one batch, then queue them. Returns how many the predictor
         failed on: those queue in arrival order (``_queue_last``) instead of failing."""
-        failed = self._score(requests)
-        for req in requests:
-            self.scheduler.add_request(req)
-        return failed
+        return self.queue_scored(requests, self.score(requests))
 
-    def _score(self, requests: Sequence[Request]) -> int:
+    def score(self, requests: Sequence[Request]) -> list[Request]:
+        """Run the predictor on new requests; returns those it failed on. Touches no scheduler
+        state, so it may run on a scoring thread beside ``step``."""
         if self.predictor is None or not requests:
-            return 0
+            return []
         try:
             self.predictor.score(requests)
-            return 0
+            return []
         except Exception:  # noqa: BLE001 - a predictor bug must not refuse requests
             if not self._predictor_failed:  # once: it may fail on every arrival from now on
                 log.exception("predictor '%s' failed while scoring; its requests queue in arrival order",
@@ -71,7 +70,14 @@ class EngineCore:
                 self.predictor.score([req])
             except Exception:  # noqa: BLE001
                 failed.append(req)
-        self._queue_last(failed, self.scheduler.live_requests() + [r for r in requests if r not in failed])
+        return failed
+
+    def queue_scored(self, requests: Sequence[Request], failed: Sequence[Request]) -> int:
+        """Queue requests ``score`` has seen; ``failed`` (a subset) queue in arrival order."""
+        if failed:
+            self._queue_last(failed, self.scheduler.live_requests() + [r for r in requests if r not in failed])
+        for req in requests:
+            self.scheduler.add_request(req)
         return len(failed)
 
     @staticmethod

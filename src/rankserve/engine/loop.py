@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from rankserve.core.request import FinishReason, Request
 from rankserve.engine.core import ENGINE_ERROR, EngineCore
+from rankserve.predict.scoring_thread import ScoringThread
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +52,13 @@ class EngineStats:
     """Running totals of the engine thread's work, read by the server's /metrics.
 
     busy_s per second of wall time is the share of its capacity in use; scoring_s / busy_s is
-    the predictor's share at admission; tokens / steps is the mean batch."""
+    the predictor's share at admission (on the scoring thread, beside the steps, when there is
+    one); scoring_wait_s is what the step loop lost to it; tokens / steps is the mean batch."""
 
     steps: int = 0
     busy_s: float = 0.0  # inside EngineCore.step (forward, sampling, scheduling, refinement)
-    scoring_s: float = 0.0  # scoring arrivals in EngineCore.add_requests
+    scoring_s: float = 0.0  # scoring arrivals (EngineCore.score), wherever it ran
+    scoring_wait_s: float = 0.0  # the step loop's time scoring arrivals or waiting for their scores
     prefill_tokens: int = 0
     decode_tokens: int = 0
     predictor_failures: int = 0  # arrivals the predictor raised on (queued in arrival order)
@@ -63,13 +66,20 @@ class EngineStats:
 
 class EngineLoop:
     """Runs ``EngineCore.step`` in a background thread while there is work. ``on_ended(req)``, if
-    given, sees every request once as it ends (in the engine thread: it must be quick)."""
+    given, sees every request once as it ends (in the engine thread: it must be quick).
+
+    Arrivals are scored on a scoring thread while the steps go on (``scoring_thread``; not for a
+    predictor that also refines every step, which would run on both threads at once); a request
+    queues once its score is back."""
 
     def __init__(self, core: EngineCore, idle_wait_s: float = 0.05,
-                 on_ended: Callable[[Request], None] | None = None) -> None:
+                 on_ended: Callable[[Request], None] | None = None, scoring_thread: bool = True) -> None:
         self.core = core
         self.idle_wait_s = idle_wait_s
         self.on_ended = on_ended
+        predictor = core.predictor
+        self._scorer = (ScoringThread(self._timed_score) if scoring_thread and predictor is not None
+                        and not predictor.refines else None)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -89,6 +99,8 @@ class EngineLoop:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
+        if self._scorer is not None:
+            self._scorer.stop(timeout)
 
     def submit(self, req: Request, on_output: OutputCallback) -> None:
         """Hand over a request. Raises ValueError at once if it could never run."""
@@ -101,8 +113,9 @@ class EngineLoop:
 
     @property
     def num_waiting(self) -> int:
-        """Requests handed over and not yet running: queued, or still in the inbox."""
-        return self.core.scheduler.num_queued + self._inbox.qsize()
+        """Requests handed over and not yet running: queued, being scored, or still in the inbox."""
+        scoring = self._scorer.in_flight if self._scorer is not None else 0
+        return self.core.scheduler.num_queued + scoring + self._inbox.qsize()
 
     def abort(self, request_id: str, reason: str = "aborted") -> None:
         self._inbox.put(("abort", request_id, reason))
@@ -118,6 +131,8 @@ class EngineLoop:
         scheduler = self.core.scheduler
         while not self._stop.is_set():
             self._drain_inbox()
+            if self._queue_scored(wait=not scheduler.has_work):
+                continue  # nothing to run but scores to wait for: drain the inbox again meanwhile
             if not scheduler.has_work:
                 self._wake.wait(self.idle_wait_s)
                 self._wake.clear()
@@ -166,16 +181,44 @@ class EngineLoop:
                     self._end(req, second)
         # An abort or finish drained with its own add has already ended that request.
         added = [req for req in added if not req.status.is_done]
-        if added:
-            # Score arrivals in one batch (the predictor runs here, between steps, never inside one).
-            started = time.perf_counter()
-            try:
-                self.stats.predictor_failures += self.core.add_requests(added)
-            except Exception as exc:
-                log.exception("admission failed")
-                for req in added:
-                    self._end(req, f"rejected: {exc}")
-            self.stats.scoring_s += time.perf_counter() - started
+        if not added:
+            return
+        if self._scorer is not None:
+            self._scorer.submit(added)
+            return
+        started = time.perf_counter()
+        failed, seconds = self._timed_score(added)
+        self._queue(added, failed, seconds)
+        self.stats.scoring_wait_s += time.perf_counter() - started
+
+    def _timed_score(self, requests: list[Request]) -> tuple[list[Request], float]:
+        started = time.perf_counter()
+        return self.core.score(requests), time.perf_counter() - started
+
+    def _queue_scored(self, wait: bool) -> bool:
+        """Queue the batches the scoring thread has finished; with ``wait`` (the engine has nothing
+        else to run), wait up to ``idle_wait_s`` for the next one. Returns whether it waited and
+        scores are still due."""
+        if self._scorer is None or not self._scorer.in_flight:
+            return False
+        started = time.perf_counter()
+        for _, requests, outcome in self._scorer.results(wait, timeout=self.idle_wait_s):
+            failed, seconds = outcome if isinstance(outcome, tuple) else (requests, 0.0)
+            # Aborted or finished while being scored: already ended, nothing to queue.
+            live = [req for req in requests if not req.status.is_done]
+            self._queue(live, [req for req in failed if not req.status.is_done], seconds)
+        if wait:
+            self.stats.scoring_wait_s += time.perf_counter() - started
+        return wait and not self.core.scheduler.has_work and self._scorer.in_flight > 0
+
+    def _queue(self, requests: list[Request], failed: list[Request], scoring_s: float) -> None:
+        self.stats.scoring_s += scoring_s
+        try:
+            self.stats.predictor_failures += self.core.queue_scored(requests, failed)
+        except Exception as exc:
+            log.exception("admission failed")
+            for req in requests:
+                self._end(req, f"rejected: {exc}")
 
     def _end(self, req: Request, reason: str) -> None:
         self.core.scheduler.abort(req, reason)

@@ -15,8 +15,9 @@ Each step, before vLLM's own ``schedule()``:
 2. the policy may boost starving requests (``ltr``);
 3. while ``max_num_seqs`` binds, running requests that the best waiting ones outrank are preempted
    through vLLM's ``_preempt_request`` (their KV blocks go back to the pool: resuming recomputes
-   what the prefix cache no longer holds). By default (RANKSERVE_PREEMPTION=patient) only while no
-   running request is predicted to finish before the best waiting one would: otherwise a slot frees
+   what the prefix cache no longer holds). By default (RANKSERVE_PREEMPTION=patient: the policy's
+   ``patient`` rule, ``Policy.waits_for_a_slot``) only while no running request is predicted to
+   finish before the best waiting one would: otherwise a slot frees
    soon enough and waiting for it costs less than the recompute (on vLLM-CPU, 300 requests at
    6 req/s, preempting whenever a request was outranked cost 8-12% of throughput and cut latency
    per token less: 1.98-2.12x against 2.57x). ``eager`` is Algorithm 1 as written;
@@ -50,7 +51,6 @@ import json
 import logging
 import math
 import os
-import queue
 import re
 import threading
 import time
@@ -77,6 +77,7 @@ from rankserve.core.request import Request, RequestStatus  # noqa: E402
 from rankserve.core.scheduler import displaced_by_rank  # noqa: E402
 import rankserve.learn  # noqa: E402, F401 - registers the learned predictors (RANKSERVE_PREDICTOR=ranker) by name
 from rankserve.predict import Predictor, make_predictor  # noqa: E402
+from rankserve.predict.scoring_thread import ScoringThread  # noqa: E402
 
 # A child of vLLM's logger, so these lines come out in vLLM's format next to its own.
 logger = logging.getLogger("vllm.rankserve")
@@ -234,46 +235,6 @@ class RankQueue(RequestQueue):
         return iter(self.unscored + fifo + ranked)
 
 
-class _ScoringThread:
-    """Runs the predictor on its own thread: torch releases the GIL, so a batch of arrivals is
-    scored on a spare core while vLLM's model step runs."""
-
-    def __init__(self, score) -> None:
-        self._score = score
-        self._jobs: queue.Queue = queue.Queue()
-        self._done: queue.Queue = queue.Queue()
-        self.in_flight = 0  # requests submitted and not yet collected
-        self._thread = threading.Thread(target=self._run, name="rankserve-scoring", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            target, requests = job
-            self._score(requests)
-            self._done.put((target, requests))
-
-    def submit(self, target: RankQueue, requests: list[VllmRequest]) -> None:
-        self.in_flight += len(requests)
-        self._jobs.put((target, requests))
-
-    def results(self, wait: bool) -> list[tuple[RankQueue, list[VllmRequest]]]:
-        """Scored batches so far; with ``wait``, block for the next one if none is ready."""
-        out = []
-        if wait and self.in_flight and self._done.empty():
-            try:
-                out.append(self._done.get(timeout=30))
-            except queue.Empty:
-                pass
-        while not self._done.empty():
-            out.append(self._done.get_nowait())
-        self.in_flight -= sum(len(requests) for _, requests in out)
-        return out
-
-    def stop(self) -> None:
-        self._jobs.put(None)
-        self._thread.join(10)
-
-
 class _RankMixin:
     """What RankScheduler adds to vLLM's scheduler; mixed into its async and sync schedulers."""
 
@@ -285,12 +246,15 @@ class _RankMixin:
             policy_args = json.loads(_setting(additional, "RANKSERVE_POLICY_ARGS", "{}"))
         except json.JSONDecodeError as exc:
             raise ValueError(f"RANKSERVE_POLICY_ARGS must be a JSON object: {exc}") from None
+        if not isinstance(policy_args, dict):
+            raise ValueError(f"RANKSERVE_POLICY_ARGS must be a JSON object, got {policy_args!r}")
         self.policy: Policy = make_policy(policy_name, **policy_args)
         # Settings are checked before the predictor loads, so a typo fails at once.
         preemption = _setting(additional, "RANKSERVE_PREEMPTION", "patient")
         if preemption not in PREEMPTION_MODES:
             raise ValueError(f"RANKSERVE_PREEMPTION must be one of {', '.join(PREEMPTION_MODES)}, got {preemption!r}")
-        self.patient = preemption == "patient"
+        if "patient" not in policy_args:  # the policy's own parameter, where given, wins
+            self.policy.patient = preemption == "patient"
         self.predictor: Predictor | None = None
         self._tokenizer = None
         if self.policy.needs_prediction:
@@ -306,7 +270,7 @@ class _RankMixin:
         self.waiting = RankQueue(self)
         self.kv_holding_waiting = RankQueue(self)
         thread = _setting(additional, "RANKSERVE_SCORING_THREAD", "1") not in ("0", "false", "False")
-        self._scorer = _ScoringThread(self._score_batch) if self.predictor is not None and thread else None
+        self._scorer = ScoringThread(self._score_batch) if self.predictor is not None and thread else None
         logger.info("rankserve scheduler: policy %s, %s rank preemption, predictor %s", self.policy.describe(),
                     preemption, "none (scores from vllm_xargs only)" if self.predictor is None else self.predictor.name)
 
@@ -408,9 +372,9 @@ class _RankMixin:
             for q in queues:
                 pending = q.take_unscored()
                 if pending:
-                    self._scorer.submit(q, pending)
+                    self._scorer.submit(pending, tag=q)
             idle = not self.running and len(self.waiting) + len(self.kv_holding_waiting) <= self._scorer.in_flight
-            for q, done in self._scorer.results(wait=idle):
+            for q, done, _ in self._scorer.results(wait=idle):
                 q.place_scored(done)
         self._count(score_wait_seconds=time.perf_counter() - started)
 
@@ -467,22 +431,11 @@ class _RankMixin:
             return (1, (twin.arrival_time, twin.seq))
         return (0, self.policy.key(twin))
 
-    def _slot_frees_first(self, candidate: Request) -> bool:
-        """Whether a running request is predicted to finish within the decode steps ``candidate``
-        itself needs (so it can wait for that slot); False where the policy has no work estimate."""
-        work = getattr(self.policy, "work", None)
-        needed = work(candidate) if work is not None else None
-        if needed is None:
-            return False
-        return any(w is not None and w <= needed for w in (work(self._twins[r.request_id]) for r in self.running))
-
     def _preempt_by_rank(self) -> None:
         policy = self.policy
         running = [self._twins[r.request_id] for r in self.running
                    if self._twins[r.request_id].score is not None or not policy.needs_prediction]
         best = self.waiting.best_ranked(len(running))
-        if self.patient and best and self._slot_frees_first(self._twins[best[0].request_id]):
-            return
         displaced = displaced_by_rank(policy, running, (self._twins[r.request_id] for r in best))
         now = time.monotonic()
         for twin in displaced:

@@ -21,7 +21,10 @@ if TYPE_CHECKING:  # the recorder needs torch; these metrics do not
 ENGINE_COUNTERS = (
     ("rankserve:engine_steps", "Engine steps run.", "steps"),
     ("rankserve:engine_busy_seconds", "Seconds spent inside engine steps.", "busy_s"),
-    ("rankserve:predictor_scoring_seconds", "Seconds spent scoring arrivals at admission.", "scoring_s"),
+    ("rankserve:predictor_scoring_seconds", "Seconds spent scoring arrivals at admission (on the scoring thread "
+     "when there is one).", "scoring_s"),
+    ("rankserve:predictor_wait_seconds", "Seconds the engine loop spent scoring arrivals or waiting for their "
+     "scores.", "scoring_wait_s"),
     ("rankserve:engine_prefill_tokens", "Prompt tokens computed (recompute included).", "prefill_tokens"),
     ("rankserve:engine_decode_tokens", "Decode tokens computed.", "decode_tokens"),
     ("rankserve:predictor_failures", "Arrivals the predictor raised on (queued in arrival order).",

@@ -24,6 +24,10 @@ class Policy:
     needs_lengths: ClassVar[bool] = False
     # Does it take ``prefill_weight`` (decode steps per prefill token) to order by predicted work?
     prefill_aware: ClassVar[bool] = False
+    # Patient rank preemption: a queued request waits for a slot instead of displacing a running
+    # one while some running request is predicted to finish within the work the newcomer needs
+    # itself (a ``patient`` parameter of the policies that estimate work; the vLLM class sets it).
+    patient: bool = False
 
     def key(self, req: Request) -> tuple:
         raise NotImplementedError
@@ -35,6 +39,20 @@ class Policy:
     def should_preempt(self, victim: Request, candidate: Request) -> bool:
         """Whether queued ``candidate`` should take the place of running ``victim``."""
         return self.key(candidate) < self.key(victim)
+
+    def work(self, req: Request) -> float | None:
+        """Predicted remaining work in decode steps; None where the policy does not estimate it."""
+        return None
+
+    def waits_for_a_slot(self, candidate: Request, running: Iterable[Request]) -> bool:
+        """Whether ``candidate`` should wait rather than displace anyone (``patient``): a slot frees
+        within the decode steps it needs itself, so waiting for it costs at most what it saves."""
+        if not self.patient:
+            return False
+        needed = self.work(candidate)
+        if needed is None:
+            return False
+        return any(w is not None and w <= needed for w in map(self.work, running))
 
     def on_enqueue(self, req: Request, step: int) -> None:
         """``req`` (new or preempted) joined the queue at ``step``."""

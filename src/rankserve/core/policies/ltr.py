@@ -34,6 +34,8 @@ class LearningToRank(Policy):
     finished requests (the oracle: 0, i.e. SRPT; a guessing predictor: several times), plus
     ``margin_steps``; and only while the victim has generated at most ``preempt_limit`` times its
     predicted length (TRAIL's limited preemption: later its KV cache is large; it runs to the end).
+    With ``patient``, not while a running request is predicted to finish within the newcomer's own
+    predicted work (``Policy.waits_for_a_slot``): worth it where preemption is dear (recompute).
 
     Starvation prevention, bounded: a request idle for more than ``starvation_threshold`` steps and
     more than ``backlog_factor`` x the steps the queue's predicted work takes to drain is boosted to
@@ -60,6 +62,7 @@ class LearningToRank(Policy):
         prefill_weight: float = 0.0,
         length_exponent: float = 0.5,
         min_calibration: int = 32,
+        patient: bool = False,
     ) -> None:
         if starvation_threshold < 1 or boost_quantum < 0:
             raise ValueError("starvation_threshold must be >= 1 and boost_quantum >= 0")
@@ -75,6 +78,7 @@ class LearningToRank(Policy):
         self.confidence_z = confidence_z
         self.margin_steps = margin_steps
         self.preempt_limit = preempt_limit
+        self.patient = patient
         self.prefill_weight = check_prefill_weight(prefill_weight)
         self.length_exponent = check_length_exponent(length_exponent)
         self.calibration = ScoreCalibration(min_calibration)
@@ -235,4 +239,4 @@ class LearningToRank(Policy):
         quantum = self.boost_quantum or "to the end"
         return (f"ltr (starvation {self.starvation_threshold} steps or {self.backlog_factor:g}x the backlog, "
                 f"boost {quantum}, at most {self.boost_share:g} of the batch; preempt at "
-                f"z={self.confidence_z:g})")
+                f"z={self.confidence_z:g}{', patient' if self.patient else ''})")

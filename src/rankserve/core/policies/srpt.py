@@ -21,7 +21,7 @@ class SRPT(Policy):
     per-step predictors. Preempted requests keep their KV cache while memory allows. With
     ``prefill_weight`` > 0 the prompt tokens still to prefill count too, each as that many decode
     steps, and the order is that work times the predicted length to the ``length_exponent``
-    (``core/policies/work.py``); with 0 it is plain SRPT.
+    (``core/policies/work.py``); with 0 it is plain SRPT. ``patient``: see ``Policy.waits_for_a_slot``.
     """
 
     name = "srpt"
@@ -30,9 +30,10 @@ class SRPT(Policy):
     preemptive = True
     needs_lengths = True
 
-    def __init__(self, prefill_weight: float = 0.0, length_exponent: float = 0.5) -> None:
+    def __init__(self, prefill_weight: float = 0.0, length_exponent: float = 0.5, patient: bool = False) -> None:
         self.prefill_weight = check_prefill_weight(prefill_weight)
         self.length_exponent = check_length_exponent(length_exponent)
+        self.patient = patient
 
     def work(self, req: Request) -> float:
         """Predicted remaining work in decode steps."""

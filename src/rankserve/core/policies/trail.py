@@ -17,10 +17,10 @@ class TRAIL(SRPT):
     name = "trail"
 
     def __init__(self, c: float = 0.8, margin: float = 0.0, prefill_weight: float = 0.0,
-                 length_exponent: float = 0.5) -> None:
+                 length_exponent: float = 0.5, patient: bool = False) -> None:
         if c < 0 or margin < 0:
             raise ValueError("trail needs c >= 0 and margin >= 0")
-        super().__init__(prefill_weight, length_exponent)
+        super().__init__(prefill_weight, length_exponent, patient)
         self.c = c
         self.margin = margin
 
