@@ -110,3 +110,13 @@ def test_learned_predictor_misuse_is_a_flag_error(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, threaded", [([], True), (["--no-scoring-thread"], False)])
+def test_serve_scores_on_a_thread_unless_told_not_to(monkeypatch, flags, threaded):
+    import rankserve.server.serve as serve_module
+
+    seen = []
+    monkeypatch.setattr(serve_module, "serve", lambda settings, *rest: seen.append(settings))
+    main(["serve", "--policy", "fcfs", *flags])
+    assert [s.scoring_thread for s in seen] == [threaded]

@@ -408,3 +408,35 @@ def test_a_request_aborted_while_being_scored_ends_and_never_queues():
         assert not loop.core.scheduler.has_work and pool.num_free_device_blocks == 128
     finally:
         loop.stop()
+
+
+def test_the_engine_thread_keeps_its_torch_threads_when_another_thread_lowers_them():
+    """ATen gives a thread the process-wide thread count at its first op, and the ranker scores on
+    one thread by lowering that count (torch_threads). The engine thread takes its own count when
+    it starts, so a scoring thread that holds one meanwhile does not leave it on one thread."""
+    torch = pytest.importorskip("torch")
+
+    class TorchCountingExecutor(CountingExecutor):
+        threads_seen: list[int] = []
+
+        def execute(self, out):
+            self.threads_seen.append(torch.get_num_threads())  # the engine thread's first torch call
+            return super().execute(out)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    executor = TorchCountingExecutor()
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64), make_policy("fcfs"),
+                          BlockManager(64, 0, block_size=4), WallClock())
+    loop = EngineLoop(EngineCore(scheduler, executor))
+    loop.start()
+    try:
+        time.sleep(0.2)  # the engine thread is idle now, its first torch op still ahead
+        torch.set_num_threads(1)  # what a scoring thread does while it scores
+        req = request(3, ignore_eos=True)
+        loop.submit(req, lambda out: None)
+        assert wait_until(lambda: req.status.is_done)
+    finally:
+        loop.stop()
+        torch.set_num_threads(before)
+    assert executor.threads_seen and set(executor.threads_seen) == {2}

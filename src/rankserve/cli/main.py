@@ -150,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="host swap space (GiB)")
     sv.add_argument("--preemption-mode", choices=("swap", "recompute"), default=engine.preemption_mode)
     sv.add_argument("--max-model-len", type=checked(positive_int), default=engine.max_model_len)
+    sv.add_argument("--no-scoring-thread", dest="scoring_thread", action="store_false",
+                    help="score arrivals in the engine loop between steps instead of on a thread beside them")
     sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
     sv.add_argument("--max-queued", type=checked(positive_int), default=DEFAULT_MAX_QUEUED,
                     help="answer 429 beyond this many waiting requests")
@@ -340,6 +342,7 @@ def cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         kv_cache_gb=args.kv_cache_gb, swap_space_gb=args.swap_space_gb,
         preemption_mode=args.preemption_mode, max_model_len=args.max_model_len, seed=args.seed,
+        scoring_thread=args.scoring_thread,
     )
     try:
         serve(settings, args.host, args.port, args.api_key, args.max_queued, args.served_model_name,

@@ -37,6 +37,7 @@ class EngineSettings:
     max_model_len: int | None = None
     seed: int = 0
     predictor_weights: str | None = None  # None: the shipped weights of --predictor
+    scoring_thread: bool = True  # score arrivals beside the steps (EngineLoop), not between them
 
 
 @dataclass
@@ -94,5 +95,6 @@ def load_engine(settings: EngineSettings) -> LoadedEngine:
     """The core of ``build_core`` running in its own thread, with the model's tokenizer."""
     files, core, max_len = build_core(settings)
     model = core.executor.model
-    return LoadedEngine(AsyncEngine(core), HFTextTokenizer(load_tokenizer(files)), files.name, max_len,
+    engine = AsyncEngine(core, scoring_thread=settings.scoring_thread)
+    return LoadedEngine(engine, HFTextTokenizer(load_tokenizer(files)), files.name, max_len,
                         model.cfg.vocab_size, model.kernels.labels())
