@@ -436,3 +436,28 @@ def test_requests_ended_by_a_stop_string_or_a_disconnect_are_counted():
             assert wait_until(lambda: count("abort") == 1)
     finally:
         engine.shutdown()
+
+
+def test_a_prefill_aware_policy_ranks_by_work_with_this_cpus_prefill_weight(tmp_path, monkeypatch):
+    import shutil
+    from pathlib import Path
+
+    from rankserve.engine.build import EngineSettings
+    from rankserve.server.serve import rank_by_work
+    from rankserve.sim.cost_model import get_cost_model
+
+    monkeypatch.setenv("RANKSERVE_PRESETS", str(tmp_path))  # no calibration on this machine yet
+    shipped = get_cost_model("cpu-smollm2-135m").prefill_weight(16)
+    ltr = rank_by_work(EngineSettings(policy="ltr", max_num_seqs=16, policy_params={"boost_quantum": 5}))
+    assert ltr.policy_params == {"boost_quantum": 5, "prefill_weight": pytest.approx(shipped, abs=1e-4)}
+    assert 0.1 < shipped < 0.3
+    assert rank_by_work(EngineSettings(policy="fcfs")).policy_params == {}  # not prefill-aware
+    given = EngineSettings(policy="sjf", policy_params={"prefill_weight": 0.0})
+    assert rank_by_work(given).policy_params == {"prefill_weight": 0.0}  # the operator's own wins
+    # After `rankserve calibrate` on this machine, its fit decides.
+    fitted = Path(__file__).parents[1] / "docs/results/2026-12-06-epyc-avx2/calibration_first.json"
+    shutil.copy(fitted, tmp_path / "cpu-local.json")
+    local = get_cost_model(str(fitted)).prefill_weight(32)
+    assert local != pytest.approx(get_cost_model("cpu-smollm2-135m").prefill_weight(32), abs=1e-3)
+    weight = rank_by_work(EngineSettings(policy="ltr", max_num_seqs=32)).policy_params["prefill_weight"]
+    assert weight == pytest.approx(local, abs=1e-4)

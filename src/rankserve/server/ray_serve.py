@@ -39,6 +39,7 @@ from rankserve.route.proxy import learn_length, prepare_request
 from rankserve.route.ray_router import PolicyRequestRouter, route_fields
 from rankserve.route.scoring import PromptScorer, choose_predictor
 from rankserve.route.sse import completion_tokens, output_tokens
+from rankserve.server.serve import rank_by_work
 
 MAX_ONGOING = 1024  # Serve's default (5) would queue at the handle what the engine should schedule
 
@@ -83,7 +84,7 @@ class EngineReplica:
     def __init__(self, settings: EngineSettings, served_model_name: str | None = None) -> None:
         from rankserve.server.app import ServerConfig, build_app
 
-        self.loaded = load_engine(settings)
+        self.loaded = load_engine(rank_by_work(settings))
         name = served_model_name or self.loaded.model_name
         config = ServerConfig(name, self.loaded.max_model_len, vocab_size=self.loaded.vocab_size)
         self.app = build_app(config, self.loaded.tokenizer, self.loaded.engine, self.loaded.kernels)
