@@ -417,7 +417,9 @@ def test_the_engine_thread_keeps_its_torch_threads_when_another_thread_lowers_th
     torch = pytest.importorskip("torch")
 
     class TorchCountingExecutor(CountingExecutor):
-        threads_seen: list[int] = []
+        def __init__(self) -> None:
+            super().__init__()
+            self.threads_seen: list[int] = []
 
         def execute(self, out):
             self.threads_seen.append(torch.get_num_threads())  # the engine thread's first torch call

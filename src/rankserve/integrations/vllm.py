@@ -17,10 +17,10 @@ Each step, before vLLM's own ``schedule()``:
    through vLLM's ``_preempt_request`` (their KV blocks go back to the pool: resuming recomputes
    what the prefix cache no longer holds). By default (RANKSERVE_PREEMPTION=patient: the policy's
    ``patient`` rule, ``Policy.waits_for_a_slot``) only while no running request is predicted to
-   finish before the best waiting one would: otherwise a slot frees
-   soon enough and waiting for it costs less than the recompute (on vLLM-CPU, 300 requests at
-   6 req/s, preempting whenever a request was outranked cost 8-12% of throughput and cut latency
-   per token less: 1.98-2.12x against 2.57x). ``eager`` is Algorithm 1 as written;
+   finish before the best waiting one would: otherwise a slot frees soon enough and waiting for it
+   costs less than the recompute (on vLLM-CPU, 300 requests at 6 req/s, preempting whenever a
+   request was outranked cost 8-12% of throughput and cut latency per token less: 1.98-2.12x
+   against 2.57x). ``eager`` is Algorithm 1 as written;
 4. ``running`` is sorted best first, so vLLM gives the token budget to the best-ranked requests
    first and, short of KV blocks, preempts the worst-ranked (its ``running[-1]``).
 The waiting queue is a heap by the policy's key. A request whose score is missing or invalid is

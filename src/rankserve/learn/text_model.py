@@ -40,8 +40,10 @@ def inference_dtype(precision: str = "auto") -> torch.dtype:
 
 @contextmanager
 def torch_threads(n: int | None) -> Iterator[None]:
-    """Run torch ops of the calling thread on ``n`` threads (None: unchanged). The setting is the
-    calling thread's own, so a scoring thread does not change the engine's."""
+    """Run torch ops of the calling thread on ``n`` threads (None: unchanged). A thread that has
+    already run torch ops keeps its own count, so a scoring thread does not change a running
+    engine's; but ATen also makes ``n`` the process default meanwhile, which a thread takes at its
+    first op (hence the engine loop fixes its count when it starts: ``engine/loop.py``)."""
     before = torch.get_num_threads()
     if n is not None:
         torch.set_num_threads(n)
