@@ -1,14 +1,16 @@
 """Decode attention over a paged KV cache: the engine's kernels (gather the blocks, then flash or
-matmul; ``paged``: reductions over the indexed blocks, compiled, reading them in place) against
-FlexAttention with a block mask built from the block tables. Both compiled kernels need
-``torch.compile`` on the CPU (inductor and a C++ compiler).
+matmul; ``paged``: reductions over the indexed blocks, compiled, reading them in place; ``cpp``:
+the C++ extension, reading them in place) against FlexAttention with a block mask built from the
+block tables. All but the gathers need a C++ compiler (``torch.compile``'s inductor, or torch's
+extension build).
 
     python benchmarks/paged_attention.py [--batches 16,64] [--context 256] [--no-compiled]
 
 SmolLM2's attention shape (3 KV heads, 3 query heads each, head dim 64), bf16, blocks of 16 tokens
 scattered through a pool. Per call: the fastest of ``--repeats`` interleaved calls (a busy machine
 only adds time). Compile: the first call's seconds (flex: once per batch size; paged: one dynamic graph, compiled
-by ``paged_attention_works`` before the first batch, or loaded from inductor's cache).
+by ``attention_works`` before the first batch, or loaded from inductor's cache; cpp: built once by
+``attention_works``, or loaded from torch's extension cache).
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from rankserve.model.kernels import cpu_identity
-from rankserve.model.llama import DECODE_ATTENTION, DecodeGroup, paged_attention_works
+from rankserve.model.cpu import cpu_identity
+from rankserve.model.llama import BUILT_KERNELS, DECODE_ATTENTION, DecodeGroup, attention_works
 
 KV, G, D, BS = 3, 3, 64, 16
 
@@ -69,12 +71,14 @@ def time_kernels(args: argparse.Namespace) -> None:
     print(f"decode attention, one layer, context {args.context}, bf16, {torch.get_num_threads()} threads, "
           f"{cpu_identity()['cpu']}")
     compiled = not args.no_compiled
+    shape = SimpleNamespace(num_kv_heads=KV, num_heads=KV * G, head_dim=D)
     if compiled:
         started = time.perf_counter()
-        shape = SimpleNamespace(num_kv_heads=KV, num_heads=KV * G, head_dim=D)
-        if not paged_attention_works(shape, torch.bfloat16, block_size=BS):
+        if not attention_works("paged", shape, torch.bfloat16, block_size=BS):
             raise SystemExit("torch.compile cannot build the paged kernel here (see the warning); try --no-compiled")
         paged_compile_s = time.perf_counter() - started
+    started = time.perf_counter()
+    cpp_build_s = time.perf_counter() - started if attention_works("cpp", shape, torch.bfloat16, block_size=BS) else None
     print("batch | kernel | ms per call | vs gather+flash | compile s")
     for batch in (int(b) for b in args.batches.split(",")):
         per_seq = -(-args.context // BS)
@@ -85,10 +89,13 @@ def time_kernels(args: argparse.Namespace) -> None:
         valid = (torch.arange(per_seq * BS) < args.context).expand(batch, -1)
         group = DecodeGroup(rows=torch.arange(batch),
                             blocks=(torch.arange(2 * KV)[:, None] * num_blocks + tables.flatten()[None, :]).flatten(),
-                            mask=valid[:, None, None, :], tables=tables)
+                            mask=valid[:, None, None, :], tables=tables,
+                            lengths=torch.full((batch,), args.context))
         q = torch.randn(batch, KV, G, D, dtype=torch.bfloat16)
         runs = {f"gather+{name}": (lambda f=f: f(q, pool, group), 0.0)
-                for name, f in DECODE_ATTENTION.items() if name != "paged"}
+                for name, f in DECODE_ATTENTION.items() if name not in BUILT_KERNELS}
+        if cpp_build_s is not None:
+            runs["cpp (in place)"] = (lambda: DECODE_ATTENTION["cpp"](q, pool, group), cpp_build_s)
         ref = DECODE_ATTENTION["flash"](q, pool, group)
         if compiled:
             runs["paged (compiled)"] = (lambda: DECODE_ATTENTION["paged"](q, pool, group), paged_compile_s)

@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from rankserve.model import kernels
-from rankserve.model.llama import DECODE_ATTENTION, KernelChoice, LlamaConfig, LlamaModel, SeqInput
+from rankserve.model.llama import BUILT_KERNELS, DECODE_ATTENTION, KernelChoice, LlamaConfig, LlamaModel, SeqInput
 
 BS = 4
 
@@ -161,24 +161,29 @@ def test_metrics_show_the_kernel_paths():
     assert "kernel_info" not in ServerMetrics("m").render(None).decode()
 
 
-def test_paged_attention_is_a_candidate_only_where_it_compiles(bf16, weights, cache_file, monkeypatch, caplog):
-    """Without a C++ compiler (simulated: the compile raises) the paged kernel is neither timed
-    nor read back from a cache, and forcing it fails naming the setting; the engine still runs."""
+def test_built_attention_kernels_are_candidates_only_where_they_build(bf16, weights, cache_file, monkeypatch, caplog):
+    """Without a C++ compiler (simulated: the compile and the extension build fail) neither the
+    paged kernel nor the C++ one is timed or read back from a cache, and forcing either fails
+    naming the setting; the engine still runs."""
     from rankserve.model import llama
 
     def no_compiler():
         raise RuntimeError("no C++ compiler found")
 
     monkeypatch.setattr(llama, "_compiled_paged", no_compiler)
-    assert not llama.paged_attention_works(CFG, torch.bfloat16)
+    monkeypatch.setattr(llama.paged_cpp, "load", lambda: False)
+    assert not llama.attention_works("paged", CFG, torch.bfloat16)
     assert "cannot run here: no C++ compiler found" in caplog.text
+    assert not llama.attention_works("cpp", CFG, torch.bfloat16)
     assert kernels.attention_candidates(bf16) == ["flash", "matmul"]
     digest = kernels._key_hash(kernels.machine_key(bf16))
     choice = kernels.choose_kernels(bf16)
     assert choice.decode_attention in ("flash", "matmul")
     assert set(json.loads(cache_file.read_text())[digest]["timings"]["decode_attention_s"]) == {"flash", "matmul"}
-    cache_file.write_text(json.dumps({digest: {"choice": {"decode_attention": "paged", "fp32_gemm_min_rows": None}}}))
-    assert kernels.choose_kernels(LlamaModel(CFG, weights, dtype=torch.bfloat16, fp32_copy=True)).source == "measured"
-    monkeypatch.setenv(kernels.ENV_FORCE, "attention=paged")
-    with pytest.raises(ValueError, match="RANKSERVE_KERNELS: attention=paged cannot run here"):
-        kernels.choose_kernels(bf16)
+    for kernel in BUILT_KERNELS:
+        cache_file.write_text(json.dumps({digest: {"choice": {"decode_attention": kernel, "fp32_gemm_min_rows": None}}}))
+        assert kernels.choose_kernels(LlamaModel(CFG, weights, dtype=torch.bfloat16, fp32_copy=True)).source == "measured"
+        monkeypatch.setenv(kernels.ENV_FORCE, f"attention={kernel}")
+        with pytest.raises(ValueError, match=f"RANKSERVE_KERNELS: attention={kernel} cannot run here"):
+            kernels.choose_kernels(bf16)
+        monkeypatch.delenv(kernels.ENV_FORCE)

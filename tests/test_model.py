@@ -12,13 +12,14 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
 from rankserve.model.llama import (
+    BUILT_KERNELS,
     DECODE_ATTENTION,
     KernelChoice,
     LlamaConfig,
     LlamaModel,
     SeqInput,
+    attention_works,
     copy_blocks,
-    paged_attention_works,
     padded_rows,
     rope_inv_freq,
     swap_blocks,
@@ -78,8 +79,8 @@ def tiny(request, tiny_hf):
     that decode)."""
     path, hf = tiny_hf
     ours = LlamaModel.from_pretrained(path, dtype=torch.float32, device=DEVICE)
-    if request.param == "paged" and not paged_attention_works(ours.cfg, ours.dtype, ours.device):
-        pytest.skip("the paged kernel cannot be compiled here (torch.compile needs a C++ compiler)")
+    if request.param in BUILT_KERNELS and not attention_works(request.param, ours.cfg, ours.dtype, ours.device):
+        pytest.skip(f"the {request.param} kernel cannot be built here (it needs {BUILT_KERNELS[request.param]})")
     ours.use_kernels(KernelChoice(None, request.param, "forced"))
     return hf, ours
 

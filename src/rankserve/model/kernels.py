@@ -7,13 +7,14 @@ the gathered KV blocks. ``choose_kernels`` times the candidates once, on the mod
 and caches the choice in a JSON file keyed by CPU model, CPU flags, torch version, thread count,
 dtype and model shape; later starts on the same machine read it back.
 
-Decode attention's candidates: the gathered blocks through torch's flash kernel or two matmuls,
-and ``paged``, which reads the blocks in place (``torch.compile``d: only where a C++ compiler
-lets inductor build it; checked, and compiled or loaded from inductor's cache, before it is timed
-or run).
+Decode attention's candidates: the gathered blocks through torch's flash kernel or two matmuls;
+``paged``, which reads the blocks in place (``torch.compile``d); and ``cpp``, a small C++
+extension that reads them in place to each sequence's own length (``rankserve.model.paged_cpp``).
+The last two run only where a C++ compiler builds them; each is checked, and built or loaded from
+its cache, before it is timed or run.
 
 ``RANKSERVE_KERNELS`` forces paths: ``gemm=native|fp32|fp32>=N`` and/or
-``attention=flash|matmul|paged``, comma-separated (e.g. ``gemm=native,attention=flash``); a forced key is
+``attention=flash|matmul|paged|cpp``, comma-separated (e.g. ``gemm=native,attention=flash``); a forced key is
 not timed. ``RANKSERVE_KERNEL_CACHE`` moves the cache file (default
 ``~/.cache/rankserve/kernels.json``).
 """
@@ -24,7 +25,6 @@ import hashlib
 import json
 import logging
 import os
-import platform
 import time
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
@@ -32,7 +32,8 @@ from pathlib import Path
 
 import torch
 
-from rankserve.model.llama import DECODE_ATTENTION, DecodeGroup, KernelChoice, LlamaModel, paged_attention_works
+from rankserve.model.cpu import cpu_identity
+from rankserve.model.llama import BUILT_KERNELS, DECODE_ATTENTION, DecodeGroup, KernelChoice, LlamaModel, attention_works
 
 log = logging.getLogger(__name__)
 
@@ -51,20 +52,6 @@ REPEATS = 5  # the fastest of these interleaved runs counts: a busy machine only
 def cache_path() -> Path:
     override = os.environ.get(ENV_CACHE)
     return Path(override).expanduser() if override else Path.home() / ".cache" / "rankserve" / "kernels.json"
-
-
-def cpu_identity() -> dict[str, str]:
-    """The CPU's model name and feature flags (Linux /proc/cpuinfo; elsewhere what platform says)."""
-    fields: dict[str, str] = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            fields.setdefault(key.strip(), value.strip())
-    except OSError:
-        pass
-    flags = fields.get("flags") or fields.get("Features") or ""
-    return {"cpu": fields.get("model name") or platform.processor() or platform.machine(),
-            "flags": " ".join(sorted(flags.split()))}
 
 
 def machine_key(model: LlamaModel) -> dict[str, str | int | bool]:
@@ -160,9 +147,8 @@ def fp32_threshold(timings: dict[int, dict[str, float]]) -> int | None:
 
 
 def attention_candidates(model: LlamaModel, block_size: int = 16) -> list[str]:
-    """The decode attention kernels that run here: ``paged`` only where it compiles."""
-    return [name for name in DECODE_ATTENTION
-            if name != "paged" or paged_attention_works(model.cfg, model.dtype, model.device, block_size)]
+    """The decode attention kernels that run here: those of ``BUILT_KERNELS`` only where they build."""
+    return [name for name in DECODE_ATTENTION if attention_works(name, model.cfg, model.dtype, model.device, block_size)]
 
 
 @torch.inference_mode()
@@ -186,6 +172,7 @@ def time_decode_attention(model: LlamaModel, shapes: Sequence[tuple[int, int]] =
             blocks=(torch.arange(2 * kv)[:, None] * num_blocks + tables[None, :]).flatten().to(dev),
             mask=(torch.arange(per_seq * block_size) < context).expand(batch, -1)[:, None, None, :].to(dev),
             tables=tables.view(batch, per_seq).to(dev),
+            lengths=torch.full((batch,), context, device=dev),
         )
         q = torch.randn(batch, kv, g, d, generator=gen).to(dev, model.dtype)
         runs = {name: (lambda f=f: f(q, pool, group)) for name, f in kernels.items()}
@@ -216,8 +203,9 @@ def choose_kernels(model: LlamaModel, use_cache: bool = True) -> KernelChoice:
     from the cache, else timed now (a few seconds) and cached. Applies the choice to the model and
     returns it. On a GPU nothing is timed: the defaults run (the CUDA path is untested)."""
     forced = parse_forced(os.environ.get(ENV_FORCE, ""))
-    if forced.get("decode_attention") == "paged" and not paged_attention_works(model.cfg, model.dtype, model.device):
-        raise ValueError(f"{ENV_FORCE}: attention=paged cannot run here (torch.compile needs a C++ compiler; "
+    attention = forced.get("decode_attention")
+    if attention in BUILT_KERNELS and not attention_works(attention, model.cfg, model.dtype, model.device):
+        raise ValueError(f"{ENV_FORCE}: attention={attention} cannot run here (it needs {BUILT_KERNELS[attention]}; "
                          "see the warning above)")
     if model.device.type != "cpu":
         choice = KernelChoice(forced.get("fp32_gemm_min_rows"),
@@ -250,7 +238,7 @@ def _cached_choice(entry: object, model: LlamaModel) -> KernelChoice | None:
         return None
     if min_rows is not None and not model.lm_head.has_fp32_copy:
         return None
-    if attention == "paged" and not paged_attention_works(model.cfg, model.dtype, model.device):
+    if attention in BUILT_KERNELS and not attention_works(attention, model.cfg, model.dtype, model.device):
         return None
     return KernelChoice(min_rows, attention, "cached")
 

@@ -8,7 +8,8 @@ offset ``p % bs``.
 ``LlamaModel.forward`` runs a *mixed batch* in one pass: every sequence brings its new tokens (a prefill
 chunk of any length or one decode token), how many of its tokens are already in the cache, and its block
 table. The matmuls run over all new tokens of all sequences at once; attention (torch's flash kernel)
-runs per prefill sequence and, padded, once per group of decode sequences of similar context length.
+runs per prefill sequence and, for decode sequences, through the kernel ``rankserve.model.kernels``
+chose: over gathered blocks, padded, once per group of similar context length, or in place.
 It returns the logits of each sequence's last new token.
 """
 
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from rankserve.model import paged_cpp
 from rankserve.model.shape import ModelShape
 
 log = logging.getLogger(__name__)
@@ -256,6 +258,7 @@ class DecodeGroup:
     blocks: torch.Tensor  # their K block rows of one layer's pool, then their V block rows, padded
     mask: torch.Tensor  # [B, 1, 1, max_blocks * block_size]: True where a real token is
     tables: torch.Tensor  # [B, max_blocks]: their block tables, padded (padding masked out)
+    lengths: torch.Tensor  # [B] int64: their context lengths (this step's token included)
 
 
 def _gather_group(kv_layer: torch.Tensor, g: DecodeGroup) -> tuple[torch.Tensor, torch.Tensor]:
@@ -316,16 +319,33 @@ def decode_attention_paged(q: torch.Tensor, kv_layer: torch.Tensor, g: DecodeGro
     return _compiled_paged()(q, kv_layer, g.tables, g.mask[:, 0, 0, :])
 
 
-def paged_attention_works(cfg: ModelShape, dtype: torch.dtype, device: torch.device | str = "cpu",
-                          block_size: int = 16) -> bool:
-    """Compile (or load from inductor's cache) the paged kernel for this model's heads and
-    ``dtype`` and check it against SDPA; False where it cannot run here (no C++ compiler, an
-    inductor failure), with a warning. Later calls of any batch and context reuse the graph."""
+def decode_attention_cpp(q: torch.Tensor, kv_layer: torch.Tensor, g: DecodeGroup,
+                         new_kv: torch.Tensor | None = None) -> torch.Tensor:
+    """The C++ extension (``rankserve.model.paged_cpp``): reads each sequence's blocks in place, to
+    its own length (padding costs nothing, so the decodes of a step run as one group). In the
+    forward it also writes the step's new keys and values (``new_kv``) of these sequences."""
+    return paged_cpp.paged_decode_attention(q, kv_layer, g.tables, g.lengths, new_kv)
+
+
+# Kernels that must be built before they run, and what building them needs.
+BUILT_KERNELS = {"paged": "torch.compile needs a C++ compiler", "cpp": "a C++ compiler and ninja"}
+
+
+def attention_works(name: str, cfg: ModelShape, dtype: torch.dtype, device: torch.device | str = "cpu",
+                    block_size: int = 16) -> bool:
+    """Whether decode attention kernel ``name`` runs here. A kernel of ``BUILT_KERNELS`` is built
+    (or loaded from its cache) for this model's heads and ``dtype`` and checked against SDPA;
+    False where that fails (no C++ compiler, a build error), with a warning. Later calls of any
+    batch and context reuse the build."""
+    if name not in BUILT_KERNELS:
+        return name in DECODE_ATTENTION
     kv, g, d = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
     batch, blocks, pool = 5, 7, 41  # sizes unlike the model's: a size equal to another would be tied to it
     try:
-        # As in the engine (the graph is guarded on it): the pool a normal tensor, the rest made
-        # under inference mode.
+        if name == "cpp" and (torch.device(device).type != "cpu" or not paged_cpp.load()):
+            raise RuntimeError("the extension is CPU-only and needs a build (see the warning above)")
+        # As in the engine (the compiled graph is guarded on it): the pool a normal tensor, the
+        # rest made under inference mode.
         gen = torch.Generator().manual_seed(0)
         with torch.inference_mode(False):
             kv_layer = torch.randn(2, kv, pool, block_size, d, generator=gen).to(device, dtype)
@@ -334,9 +354,9 @@ def paged_attention_works(cfg: ModelShape, dtype: torch.dtype, device: torch.dev
             lengths = torch.tensor([blocks * block_size - 3 * i for i in range(batch)])
             mask = (torch.arange(blocks * block_size)[None, :] < lengths[:, None]).to(device)
             group = DecodeGroup(rows=torch.arange(batch, device=device), blocks=torch.empty(0),
-                                mask=mask[:, None, None, :], tables=tables)
+                                mask=mask[:, None, None, :], tables=tables, lengths=lengths.to(device))
             q = torch.randn(batch, kv, g, d, generator=gen).to(device, dtype)
-            out = decode_attention_paged(q, kv_layer, group)
+            out = DECODE_ATTENTION[name](q, kv_layer, group)
             k = kv_layer[0][:, tables].flatten(2, 3).transpose(0, 1)  # [B, KV, ctx, D]
             v = kv_layer[1][:, tables].flatten(2, 3).transpose(0, 1)
             want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=group.mask)
@@ -345,16 +365,16 @@ def paged_attention_works(cfg: ModelShape, dtype: torch.dtype, device: torch.dev
         if not error <= tolerance:
             raise ValueError(f"differs from SDPA by {error:.3g}")
         return True
-    except Exception as exc:  # no compiler, an inductor error: the other kernels remain
-        log.warning("paged decode attention (torch.compile) cannot run here: %s",
+    except Exception as exc:  # no compiler, a build error: the other kernels remain
+        log.warning("decode attention '%s' (%s) cannot run here: %s", name, BUILT_KERNELS[name],
                     (str(exc).splitlines() or [type(exc).__name__])[0])
         return False
 
 
-# Decode attention kernels by name; the first is the default where nothing was measured. "paged"
-# runs only where ``paged_attention_works`` (rankserve.model.kernels checks before timing it).
+# Decode attention kernels by name; the first is the default where nothing was measured. Those of
+# BUILT_KERNELS run only where ``attention_works`` (rankserve.model.kernels checks before timing them).
 DECODE_ATTENTION = {"flash": decode_attention_flash, "matmul": decode_attention_matmul,
-                    "paged": decode_attention_paged}
+                    "paged": decode_attention_paged, "cpp": decode_attention_cpp}
 
 
 @dataclass(frozen=True)
@@ -555,27 +575,39 @@ class LlamaModel:
         # [KV * num_blocks, bs * D]): head h's rows start at h * num_blocks (* bs). Gathers are then
         # one index_select over contiguous rows, several times faster than advanced indexing.
         head_rows = torch.arange(KV)[:, None] * (num_blocks * bs)
-        new_rows = (head_rows + new_slots[None, :]).flatten().to(dev)
-
         dec = [i for i, n in enumerate(lens) if n == 1]
         pre = [i for i, n in enumerate(lens) if n > 1]
+        # The C++ decode kernel writes its sequences' new keys and values itself; the forward
+        # writes the others' (all of them on the other kernels).
+        fused_write = self.kernels.decode_attention == "cpp" and bool(dec)
+        written = None  # the rows of the new tokens the forward writes (None: all)
+        if fused_write:
+            written = torch.tensor([r for i in pre for r in range(starts[i], starts[i + 1])], dtype=torch.long)
+            new_slots = new_slots[written]
+            written = written.to(dev)
+        new_rows = (head_rows + new_slots[None, :]).flatten().to(dev)
+
         # Decode sequences (one new token) attend in groups of similar context length: each group
         # gathers its sequences' whole blocks, padded to its longest (padding masked out).
         dec_ctx = [len(ctx_slots[i]) for i in dec]
         dec_blocks = [-(-c // bs) for c in dec_ctx]
         dec_groups: list[DecodeGroup] = []
-        for members in length_groups(dec_blocks, DECODE_GROUP_COST_BLOCKS):
+        # The C++ kernel reads each sequence to its own length: padding costs it nothing.
+        one_group = self.kernels.decode_attention == "cpp" and dec
+        for members in [list(range(len(dec)))] if one_group else length_groups(dec_blocks, DECODE_GROUP_COST_BLOCKS):
             max_blocks = max(dec_blocks[j] for j in members)
             tables = torch.zeros(len(members), max_blocks, dtype=torch.long)
             for row, j in enumerate(members):
                 tables[row, : dec_blocks[j]] = torch.as_tensor(list(seqs[dec[j]].block_table)[: dec_blocks[j]])
             blocks = (torch.arange(2 * KV)[:, None] * num_blocks + tables.flatten()[None, :]).flatten()  # K, then V
-            valid = torch.arange(max_blocks * bs)[None, :] < torch.tensor([dec_ctx[j] for j in members])[:, None]
+            lengths = torch.tensor([dec_ctx[j] for j in members])
+            valid = torch.arange(max_blocks * bs)[None, :] < lengths[:, None]
             dec_groups.append(DecodeGroup(
                 rows=torch.tensor([starts[dec[j]] for j in members], dtype=torch.long, device=dev),
                 blocks=blocks.to(dev),
                 mask=valid.to(dev)[:, None, None, :],  # [B, 1, 1, ctx]: True = attend
                 tables=tables.to(dev),
+                lengths=lengths.to(dev),
             ))
         # A prefill chunk attends causally to its own tokens and, after the first chunk, to the
         # sequence's earlier tokens, gathered from the cache (flash attention; no score matrix).
@@ -618,8 +650,10 @@ class LlamaModel:
             k = _rope(k, rotation[:T])
             k_rows = kv_cache[li, 0].view(KV * num_blocks * bs, D)
             v_rows = kv_cache[li, 1].view(KV * num_blocks * bs, D)
-            k_rows.index_copy_(0, new_rows, k.transpose(0, 1).reshape(KV * T, D).to(self.dtype))
-            v_rows.index_copy_(0, new_rows, v.transpose(0, 1).reshape(KV * T, D).to(self.dtype))
+            if len(new_rows):
+                kw, vw = (k, v) if written is None else (k[written], v[written])
+                k_rows.index_copy_(0, new_rows, kw.transpose(0, 1).reshape(len(new_rows), D).to(self.dtype))
+                v_rows.index_copy_(0, new_rows, vw.transpose(0, 1).reshape(len(new_rows), D).to(self.dtype))
 
             attn = torch.zeros(Tp, H, D, dtype=act, device=dev) if Tp > T else torch.empty(T, H, D, dtype=act, device=dev)
             for i in pre:
@@ -637,7 +671,11 @@ class LlamaModel:
                 attn[a:b] = o[0].transpose(0, 1)
             for g in dec_groups:
                 B = len(g.rows)
-                o = decode_attention(q[g.rows].to(self.dtype).view(B, KV, G, D), kv_cache[li], g)
+                qg = q[g.rows].to(self.dtype).view(B, KV, G, D)
+                if fused_write:
+                    o = decode_attention(qg, kv_cache[li], g, torch.stack([k[g.rows], v[g.rows]]).to(self.dtype))
+                else:
+                    o = decode_attention(qg, kv_cache[li], g)
                 attn[g.rows] = o.reshape(B, H, D).to(act)
 
             x = x + layer.o(attn.view(Tp, H * D))

@@ -1,0 +1,173 @@
+// Decode attention over a paged KV cache, reading each block where it lies (no gathered copy).
+// One query token per sequence; a KV head's G query heads share each key and value row it reads.
+// Built at first use by torch.utils.cpp_extension (rankserve.model.paged_cpp), with -march=native.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <vector>
+
+namespace {
+
+// exp(x) for x <= 0 (scores minus their maximum), within 2e-7 relative: Cephes' expf polynomial
+// with the power of two set in the exponent bits. Unlike std::exp (a scalar call per score, most of
+// this kernel's time), the compiler vectorises it.
+inline float exp_nonpositive(float x) {
+  x = std::max(x, -87.0f);
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+// Blocks lie scattered through the pool, so the hardware prefetcher cannot guess the next one.
+template <typename T>
+inline void prefetch_block(const T* block, int64_t elements) {
+  const char* bytes = reinterpret_cast<const char*>(block);
+  for (int64_t offset = 0; offset < elements * static_cast<int64_t>(sizeof(T)); offset += 64) __builtin_prefetch(bytes + offset);
+}
+
+// kDim: the head size as a compile-time constant (the common ones: the inner loops then unroll
+// without run-time trip counts or alias checks, about 2x faster), or 0 for any other size.
+template <typename T, int64_t kDim>
+void attend(const at::Tensor& q, at::Tensor& kv, const at::Tensor& tables, const at::Tensor& lengths,
+            const at::Tensor& new_kv, at::Tensor& out) {
+  const int64_t batch = q.size(0), kv_heads = q.size(1), group = q.size(2), dim = kDim > 0 ? kDim : q.size(3);
+  const int64_t pool_blocks = kv.size(2), block_size = kv.size(3), max_blocks = tables.size(1);
+  const T* q_ptr = q.data_ptr<T>();
+  T* k_ptr = kv.data_ptr<T>();
+  T* v_ptr = k_ptr + kv_heads * pool_blocks * block_size * dim;  // kv[1]
+  const T* new_ptr = new_kv.defined() ? new_kv.data_ptr<T>() : nullptr;  // [2, B, KV, D]
+  const int64_t* table_ptr = tables.data_ptr<int64_t>();
+  const int64_t* length_ptr = lengths.data_ptr<int64_t>();
+  T* out_ptr = out.data_ptr<T>();
+  const float scale = 1.0f / std::sqrt(static_cast<float>(dim));
+
+  // One task per (sequence, KV head): its G query rows against that head's blocks.
+  at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> query_buffer(group * dim), acc_buffer(group * dim), row_buffer(dim), scores;
+    float* __restrict query = query_buffer.data();
+    float* __restrict acc = acc_buffer.data();
+    float* __restrict row = row_buffer.data();
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t seq = task / kv_heads, head = task % kv_heads, length = length_ptr[seq];
+      const int64_t* table = table_ptr + seq * max_blocks;
+      if (new_ptr != nullptr) {  // this step's key and value first: the reads below fetch that block anyway
+        const int64_t last = length - 1;
+        const int64_t slot = ((head * pool_blocks + table[last / block_size]) * block_size + last % block_size) * dim;
+        std::copy_n(new_ptr + task * dim, dim, k_ptr + slot);
+        std::copy_n(new_ptr + (batch * kv_heads + task) * dim, dim, v_ptr + slot);
+      }
+      for (int64_t i = 0; i < group * dim; ++i) query[i] = static_cast<float>(q_ptr[task * group * dim + i]) * scale;
+      scores.assign(group * length, 0.0f);  // [G][length]
+      for (int64_t start = 0, b = 0; start < length; start += block_size, ++b) {
+        const T* block = k_ptr + (head * pool_blocks + table[b]) * block_size * dim;
+        const int64_t rows = std::min(block_size, length - start);
+        if (start + block_size < length) prefetch_block(k_ptr + (head * pool_blocks + table[b + 1]) * block_size * dim, block_size * dim);
+        for (int64_t t = 0; t < rows; ++t) {
+          for (int64_t d = 0; d < dim; ++d) row[d] = static_cast<float>(block[t * dim + d]);  // once for G heads
+          for (int64_t g = 0; g < group; ++g) {
+            const float* qg = query + g * dim;
+            float dot = 0.0f;
+            for (int64_t d = 0; d < dim; ++d) dot += qg[d] * row[d];
+            scores[g * length + start + t] = dot;
+          }
+        }
+      }
+      std::vector<float> inverse_sum(group);
+      for (int64_t g = 0; g < group; ++g) {
+        float* s = scores.data() + g * length;
+        float peak = s[0];
+        for (int64_t t = 1; t < length; ++t) peak = std::max(peak, s[t]);
+        for (int64_t t = 0; t < length; ++t) s[t] = exp_nonpositive(s[t] - peak);
+        float sum = 0.0f;
+        for (int64_t t = 0; t < length; ++t) sum += s[t];
+        inverse_sum[g] = 1.0f / sum;
+      }
+      std::fill(acc, acc + group * dim, 0.0f);
+      for (int64_t start = 0, b = 0; start < length; start += block_size, ++b) {
+        const T* block = v_ptr + (head * pool_blocks + table[b]) * block_size * dim;
+        const int64_t rows = std::min(block_size, length - start);
+        if (start + block_size < length) prefetch_block(v_ptr + (head * pool_blocks + table[b + 1]) * block_size * dim, block_size * dim);
+        for (int64_t t = 0; t < rows; ++t) {
+          for (int64_t d = 0; d < dim; ++d) row[d] = static_cast<float>(block[t * dim + d]);
+          for (int64_t g = 0; g < group; ++g) {
+            const float p = scores[g * length + start + t];
+            float* a = acc + g * dim;
+            for (int64_t d = 0; d < dim; ++d) a[d] += p * row[d];
+          }
+        }
+      }
+      for (int64_t g = 0; g < group; ++g)
+        for (int64_t d = 0; d < dim; ++d)
+          out_ptr[task * group * dim + g * dim + d] = static_cast<T>(acc[g * dim + d] * inverse_sum[g]);
+    }
+  });
+}
+
+// q [B, KV, G, D]; kv [2, KV, pool_blocks, block_size, D] (one layer's pool); tables [B, max_blocks]
+// int64; lengths [B] int64 (context tokens, at least 1). new_kv, if given, [2, B, KV, D]: this
+// step's key and value of each sequence, written to its cache slot (position length - 1) before it
+// is read. Returns [B, KV, G, D] in q's dtype.
+at::Tensor paged_decode_attention(const at::Tensor& q, at::Tensor& kv, const at::Tensor& tables,
+                                  const at::Tensor& lengths, const std::optional<at::Tensor>& new_kv) {
+  TORCH_CHECK(q.dim() == 4 && kv.dim() == 5 && kv.size(0) == 2, "q must be [B, KV, G, D], kv [2, KV, blocks, bs, D]");
+  TORCH_CHECK(q.size(1) == kv.size(1) && q.size(3) == kv.size(4), "q and kv disagree on heads or head size");
+  TORCH_CHECK(q.scalar_type() == kv.scalar_type(), "q and kv must share a dtype");
+  TORCH_CHECK(tables.scalar_type() == at::kLong && lengths.scalar_type() == at::kLong, "tables and lengths must be int64");
+  TORCH_CHECK(tables.dim() == 2 && tables.size(0) == q.size(0) && lengths.numel() == q.size(0),
+              "one table row and one length per sequence");
+  TORCH_CHECK(kv.is_contiguous(), "kv must be contiguous");
+  const auto lengths_c = lengths.contiguous();
+  TORCH_CHECK(lengths_c.numel() == 0 || (lengths_c.min().item<int64_t>() >= 1 &&
+              lengths_c.max().item<int64_t>() <= tables.size(1) * kv.size(3)), "lengths must fit the block tables");
+  TORCH_CHECK(tables.numel() == 0 || (tables.min().item<int64_t>() >= 0 &&
+              tables.max().item<int64_t>() < kv.size(2)), "block tables must index the pool");
+  at::Tensor new_c;
+  if (new_kv.has_value()) {
+    new_c = new_kv->contiguous();
+    TORCH_CHECK(new_c.dim() == 4 && new_c.size(0) == 2 && new_c.size(1) == q.size(0) && new_c.size(2) == q.size(1) &&
+                new_c.size(3) == q.size(3) && new_c.scalar_type() == kv.scalar_type(),
+                "new_kv must be [2, B, KV, D] in the pool's dtype");
+  }
+  const auto q_c = q.contiguous();
+  const auto tables_c = tables.contiguous();
+  auto out = at::empty_like(q_c);
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kFloat, "only float32 and bfloat16 are supported");
+  const bool bf16 = q.scalar_type() == at::kBFloat16;
+  switch (q.size(3)) {
+    case 64:
+      bf16 ? attend<c10::BFloat16, 64>(q_c, kv, tables_c, lengths_c, new_c, out) : attend<float, 64>(q_c, kv, tables_c, lengths_c, new_c, out);
+      break;
+    case 128:
+      bf16 ? attend<c10::BFloat16, 128>(q_c, kv, tables_c, lengths_c, new_c, out) : attend<float, 128>(q_c, kv, tables_c, lengths_c, new_c, out);
+      break;
+    default:
+      bf16 ? attend<c10::BFloat16, 0>(q_c, kv, tables_c, lengths_c, new_c, out) : attend<float, 0>(q_c, kv, tables_c, lengths_c, new_c, out);
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(rankserve, m) {
+  m.def("paged_decode_attention(Tensor q, Tensor(a!) kv, Tensor tables, Tensor lengths, Tensor? new_kv=None) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(rankserve, CPU, m) {
+  m.impl("paged_decode_attention", &paged_decode_attention);
+}

@@ -1,0 +1,111 @@
+"""The C++ decode attention (rankserve.model.paged_cpp): against SDPA, on bad input, and its build."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from rankserve.model import paged_cpp
+
+F = torch.nn.functional
+
+
+@pytest.fixture(scope="module")
+def built():
+    if not paged_cpp.load():
+        pytest.skip("the extension cannot be built here (no C++ compiler or ninja)")
+
+
+def _case(batch, lengths, dtype, kv=2, group=3, dim=16, block_size=4, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    per_seq = -(-max(lengths) // block_size)
+    pool_blocks = batch * per_seq + 5
+    pool = torch.randn(2, kv, pool_blocks, block_size, dim, generator=gen).to(dtype)
+    tables = torch.randperm(pool_blocks, generator=gen)[: batch * per_seq].view(batch, per_seq)
+    q = torch.randn(batch, kv, group, dim, generator=gen).to(dtype)
+    return q, pool, tables, torch.tensor(lengths)
+
+
+def _sdpa(q, pool, tables, lengths):
+    k = pool[0][:, tables].flatten(2, 3).transpose(0, 1).float()  # [B, KV, ctx, D]
+    v = pool[1][:, tables].flatten(2, 3).transpose(0, 1).float()
+    mask = torch.arange(k.shape[2])[None, :] < lengths[:, None]
+    return F.scaled_dot_product_attention(q.float(), k, v, attn_mask=mask[:, None, None, :])
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_it_agrees_with_sdpa_at_every_length(built, dtype, tolerance):
+    """Lengths of one token, at a block's end, one past it, and over many blocks, in one batch:
+    each sequence reads its own blocks to its own length."""
+    lengths = [1, 4, 5, 23, 16, 9]
+    q, pool, tables, lens = _case(len(lengths), lengths, dtype)
+    out = paged_cpp.paged_decode_attention(q, pool, tables, lens)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert (out.float() - _sdpa(q, pool, tables, lens)).abs().max().item() < tolerance
+
+
+def test_a_block_past_a_sequence_length_is_never_read(built):
+    """Filling the blocks past each length with NaN changes nothing."""
+    q, pool, tables, lens = _case(3, [6, 2, 9], torch.float32)
+    want = paged_cpp.paged_decode_attention(q, pool, tables, lens)
+    for row, n in enumerate(lens.tolist()):
+        for b, block in enumerate(tables[row].tolist()):
+            tail = max(0, n - b * 4)
+            pool[:, :, block, tail:] = float("nan")
+    assert torch.equal(paged_cpp.paged_decode_attention(q, pool, tables, lens), want)
+
+
+def test_bad_input_is_an_error_not_a_crash(built):
+    q, pool, tables, lens = _case(2, [5, 7], torch.float32)
+    with pytest.raises(RuntimeError, match="lengths must fit the block tables"):
+        paged_cpp.paged_decode_attention(q, pool, tables, torch.tensor([5, 100]))
+    with pytest.raises(RuntimeError, match="lengths must fit the block tables"):
+        paged_cpp.paged_decode_attention(q, pool, tables, torch.tensor([0, 7]))
+    with pytest.raises(RuntimeError, match="block tables must index the pool"):
+        paged_cpp.paged_decode_attention(q, pool, tables + pool.shape[2], lens)
+    with pytest.raises(RuntimeError, match="share a dtype"):
+        paged_cpp.paged_decode_attention(q.bfloat16(), pool, tables, lens)
+    with pytest.raises(RuntimeError, match="int64"):
+        paged_cpp.paged_decode_attention(q, pool, tables.int(), lens)
+
+
+def test_a_stale_lock_left_by_a_killed_build_does_not_hang_the_next_start(built):
+    lock = paged_cpp.build_dir() / "lock"
+    lock.touch()
+    old = time.time() - paged_cpp.STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    result = []
+    loader = threading.Thread(target=lambda: result.append(paged_cpp.load.__wrapped__()), daemon=True)
+    loader.start()
+    loader.join(timeout=300)
+    assert result == [True]
+    assert not lock.exists()
+
+
+def test_without_a_compiler_it_says_so_and_returns_false(built, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    assert paged_cpp.load.__wrapped__() is False
+    assert "the C++ decode attention cannot be built here" in caplog.text
+
+
+def test_it_writes_the_new_keys_and_values_before_reading_them(built):
+    """With ``new_kv`` each sequence's key and value land in the slot of its last position, and
+    the attention reads them: the same as writing them first, then attending."""
+    lengths = [1, 4, 5, 23]
+    q, pool, tables, lens = _case(len(lengths), lengths, torch.float32)
+    new_kv = torch.randn(2, len(lengths), pool.shape[1], pool.shape[-1])
+    written = pool.clone()
+    for row, n in enumerate(lengths):
+        block, offset = tables[row, (n - 1) // 4], (n - 1) % 4
+        written[:, :, block, offset] = new_kv[:, row]
+    out = paged_cpp.paged_decode_attention(q, pool, tables, lens, new_kv)
+    assert torch.equal(pool, written)
+    assert (out - _sdpa(q, written, tables, lens)).abs().max().item() < 1e-5
+    with pytest.raises(RuntimeError, match="new_kv must be"):
+        paged_cpp.paged_decode_attention(q, pool, tables, lens, new_kv[:, :2])
