@@ -171,7 +171,7 @@ def test_built_attention_kernels_are_candidates_only_where_they_build(bf16, weig
         raise RuntimeError("no C++ compiler found")
 
     monkeypatch.setattr(llama, "_compiled_paged", no_compiler)
-    monkeypatch.setattr(llama.paged_cpp, "load", lambda: False)
+    monkeypatch.setattr(llama.cpp_kernels, "load", lambda: False)
     assert not llama.attention_works("paged", CFG, torch.bfloat16)
     assert "cannot run here: no C++ compiler found" in caplog.text
     assert not llama.attention_works("cpp", CFG, torch.bfloat16)

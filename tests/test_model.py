@@ -11,6 +11,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
+from rankserve.model import cpp_kernels
 from rankserve.model.llama import (
     BUILT_KERNELS,
     DECODE_ATTENTION,
@@ -303,6 +304,7 @@ def test_bf16_logits_close(tiny, fp32_gemm_min_rows):
     weights = {k: v for k, v in hf.state_dict().items()}
     m16 = LlamaModel(ours.cfg, weights, dtype=torch.bfloat16, device=DEVICE, fp32_copy=fp32_gemm_min_rows is not None)
     m16.use_kernels(KernelChoice(fp32_gemm_min_rows, ours.kernels.decode_attention, "forced"))
+    assert m16.fused_elementwise == (DEVICE == "cpu" and cpp_kernels.load())  # the C++ add + norm, SiLU-and-multiply
     cache, ref_cache = m16.allocate_kv_cache(32, BS), ours.allocate_kv_cache(32, BS)
     seqs = [list(p) for p in _prompts(3)[1:]]
     tables = [list(range(16)), list(range(16, 32))]

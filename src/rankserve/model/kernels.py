@@ -9,7 +9,7 @@ dtype and model shape; later starts on the same machine read it back.
 
 Decode attention's candidates: the gathered blocks through torch's flash kernel or two matmuls;
 ``paged``, which reads the blocks in place (``torch.compile``d); and ``cpp``, a small C++
-extension that reads them in place to each sequence's own length (``rankserve.model.paged_cpp``).
+extension that reads them in place to each sequence's own length (``rankserve.model.cpp_kernels``).
 The last two run only where a C++ compiler builds them; each is checked, and built or loaded from
 its cache, before it is timed or run.
 
@@ -223,8 +223,9 @@ def choose_kernels(model: LlamaModel, use_cache: bool = True) -> KernelChoice:
         if use_cache and not forced:
             _write(path, digest, key, choice, timings)
     model.use_kernels(choice)
-    log.info("kernels on %s (%s threads): gemm %s, decode attention %s (%s)", key["cpu"], key["threads"],
-             choice.gemm, choice.decode_attention, choice.source)
+    log.info("kernels on %s (%s threads): gemm %s, decode attention %s (%s); add + norm and SiLU-and-multiply %s",
+             key["cpu"], key["threads"], choice.gemm, choice.decode_attention, choice.source,
+             "fused (C++)" if model.fused_elementwise else "in torch")
     return choice
 
 

@@ -1,6 +1,7 @@
-"""Decode attention over the paged KV cache as a small C++ extension (``csrc/paged_attention.cpp``):
-each block is read where it lies, each sequence to its own length (no padding, no gathered copy),
-and a KV head's query heads share every row read. Built at first use with torch's extension
+"""CPU kernels as a small C++ extension (``csrc/cpp_kernels.cpp``): decode attention over the paged
+KV cache (each block read where it lies, each sequence to its own length: no padding, no gathered
+copy; a KV head's query heads share every row read), and a layer's residual add + RMS norm and
+SiLU-and-multiply, each one pass over memory instead of torch's chain of elementwise ops. Built at first use with torch's extension
 tooling (g++ and ninja) for the CPU at hand (``-march=native``, about 20 s), then loaded from
 ``~/.cache/rankserve/extensions`` (``TORCH_EXTENSIONS_DIR`` moves it). Where it cannot be built,
 ``load`` says why once and the pure-torch kernels remain."""
@@ -20,7 +21,7 @@ from rankserve.model.cpu import cpu_identity
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "paged_attention.cpp"
+SOURCE = Path(__file__).parent / "csrc" / "cpp_kernels.cpp"
 # A build holds a lock file while it runs; one left by a killed build would make every later start
 # wait on it forever, so a lock older than this (a build takes well under a minute) is removed.
 STALE_LOCK_S = 600
@@ -65,3 +66,16 @@ def paged_decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, tables: torc
     KV, D]: this step's keys and values, written to their slots (position ``lengths - 1``) first,
     which saves the forward a scattered write whose cache misses the read repeats. Needs ``load()``."""
     return torch.ops.rankserve.paged_decode_attention(q, kv_layer, tables, lengths, new_kv)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x + residual`` (or ``x``) [T, hidden] and its RMS norm scaled by ``weight``, rounded as
+    torch's ops round them (the norm's sum of squares is added in another order). Needs ``load()``."""
+    return torch.ops.rankserve.add_rms_norm(x, residual, weight, eps)
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` for ``gate_up`` [T, 2I] (gate first), rounded as torch's two ops round
+    it. Needs ``load()``."""
+    return torch.ops.rankserve.silu_and_mul(gate_up)
