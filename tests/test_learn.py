@@ -268,3 +268,24 @@ def test_arrivals_are_scored_in_groups_of_similar_length_with_the_same_scores():
     alone = [model.score_texts([t])[0][0] for t in texts]
     np.testing.assert_allclose(together, alone, rtol=1e-4, atol=1e-5)
     assert [b.shape[0] for b in bottoms] == [len(x) for x in model.tokenizer(texts, truncation=True, max_length=64)["input_ids"]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_linears_score_as_the_plain_ones(dtype):
+    """Prepacking the encoder's and the head's weights for oneDNN changes the scores only by
+    rounding (oneDNN blocks the sums differently), never their order: the shipped predictor scores
+    with them packed."""
+    from rankserve.learn.text_model import TextLengthModel, _PackedLinear
+
+    if not torch.backends.mkldnn.is_available() or (dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        pytest.skip("oneDNN cannot run this dtype here")
+    model = TextLengthModel(TextModelConfig(kind="ranker", trainable_layers=2, max_length=64, head_hidden=16)).cast(dtype)
+    texts = ["Answer yes or no: cats.", "Write a long story about " + "the sea, " * 9, "Give one word for rain."]
+    plain, _, _ = model.score_texts(texts)
+    model.pack_linears()
+    linears = [m for part in (*model._bottom, model.top, model.head) for m in part.modules()]
+    assert not any(isinstance(m, torch.nn.Linear) for m in linears)
+    assert sum(isinstance(m, _PackedLinear) for m in linears) == 6 * 6 + 2  # six per BERT layer, two in the head
+    packed = model.score_texts(texts)[0]
+    np.testing.assert_allclose(packed, plain, rtol=1e-4 if dtype == torch.float32 else 3e-2, atol=1e-4)
+    assert list(np.argsort(packed)) == list(np.argsort(plain))

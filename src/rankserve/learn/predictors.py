@@ -60,7 +60,7 @@ class TextModelPredictor(Predictor):
     def __init__(self, path: str | Path, cache_size: int = 65_536, precision: str = "auto",
                  threads: int | None = 1) -> None:
         self.path = Path(path)
-        self.model = TextLengthModel.load(self.path, inference_dtype(precision))
+        self.model = TextLengthModel.load(self.path, inference_dtype(precision)).pack_linears()
         self.threads = threads
         self.name = self.model.config.kind
         self.gives_lengths = self.model.config.kind != "ranker"

