@@ -112,8 +112,8 @@ def test_learned_predictor_misuse_is_a_flag_error(argv, message, capsys):
     assert exc.value.code == 2 and message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flags, threaded", [([], True), (["--no-scoring-thread"], False)])
-def test_serve_scores_on_a_thread_unless_told_not_to(monkeypatch, flags, threaded):
+@pytest.mark.parametrize("flags, threaded", [([], False), (["--scoring-thread"], True), (["--no-scoring-thread"], False)])
+def test_serve_scores_between_steps_unless_told_to_use_a_thread(monkeypatch, flags, threaded):
     import rankserve.server.serve as serve_module
 
     seen = []

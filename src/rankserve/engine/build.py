@@ -37,7 +37,7 @@ class EngineSettings:
     max_model_len: int | None = None
     seed: int = 0
     predictor_weights: str | None = None  # None: the shipped weights of --predictor
-    scoring_thread: bool = True  # score arrivals beside the steps (EngineLoop), not between them
+    scoring_thread: bool = False  # score arrivals beside the steps (EngineLoop), not between them
 
 
 @dataclass

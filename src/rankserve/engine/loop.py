@@ -69,12 +69,14 @@ class EngineLoop:
     """Runs ``EngineCore.step`` in a background thread while there is work. ``on_ended(req)``, if
     given, sees every request once as it ends (in the engine thread: it must be quick).
 
-    Arrivals are scored on a scoring thread while the steps go on (``scoring_thread``; not for a
-    predictor that also refines every step, which would run on both threads at once); a request
-    queues once its score is back."""
+    Arrivals are scored between steps, or with ``scoring_thread`` on a scoring thread while the
+    steps go on (not for a predictor that also refines every step, which would run on both
+    threads at once); a request then queues once its score is back. Between steps is the default:
+    on an Intel Xeon with AMX, a burst whose arrivals a ranker scored on the thread ran every
+    later step about 1.4x slower, for the rest of the run (docs/RESULTS.md section 8)."""
 
     def __init__(self, core: EngineCore, idle_wait_s: float = 0.05,
-                 on_ended: Callable[[Request], None] | None = None, scoring_thread: bool = True) -> None:
+                 on_ended: Callable[[Request], None] | None = None, scoring_thread: bool = False) -> None:
         self.core = core
         self.idle_wait_s = idle_wait_s
         self.on_ended = on_ended
@@ -265,7 +267,7 @@ class AsyncEngine:
     disconnects) aborts the request and frees its KV blocks at once."""
 
     def __init__(self, core: EngineCore, on_ended: Callable[[Request], None] | None = None,
-                 scoring_thread: bool = True) -> None:
+                 scoring_thread: bool = False) -> None:
         self.loop = EngineLoop(core, on_ended=on_ended, scoring_thread=scoring_thread)
         self.loop.start()
 
