@@ -1,5 +1,5 @@
 """GFLOP/s of the CPU linear kernels the engine can use, on the embedded SmolLM2's layer shapes:
-oneDNN with bf16 weights against oneDNN with fp32 weights (both prepacked, as ``_Linear`` keeps
+oneDNN with bf16 weights against oneDNN with fp32 weights (both prepacked, as ``PackedLinear`` keeps
 them), by rows per call. Where fp32 wins from some row count up, a bf16 model's fp32 copies pay (the
 engine times the same comparison on first use and picks the row count: ``rankserve.model.kernels``).
 

@@ -92,7 +92,7 @@ def test_without_a_compiler_it_says_so_and_returns_false(built, tmp_path, monkey
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     assert cpp_kernels.load.__wrapped__() is False
-    assert "the C++ decode attention cannot be built here" in caplog.text
+    assert "the C++ kernels cannot be built here" in caplog.text
 
 
 def test_it_writes_the_new_keys_and_values_before_reading_them(built):

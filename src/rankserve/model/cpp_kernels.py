@@ -1,8 +1,9 @@
 """CPU kernels as a small C++ extension (``csrc/cpp_kernels.cpp``): decode attention over the paged
 KV cache (each block read where it lies, each sequence to its own length: no padding, no gathered
 copy; a KV head's query heads share every row read), and a layer's residual add + RMS norm and
-SiLU-and-multiply, each one pass over memory instead of torch's chain of elementwise ops. Built at first use with torch's extension
-tooling (g++ and ninja) for the CPU at hand (``-march=native``, about 20 s), then loaded from
+SiLU-and-multiply, each one pass over memory instead of torch's chain of elementwise ops. Built
+at first use with torch's extension tooling (g++ and ninja) for the CPU at hand
+(``-march=native``, about 20 s), then loaded from
 ``~/.cache/rankserve/extensions`` (``TORCH_EXTENSIONS_DIR`` moves it). Where it cannot be built,
 ``load`` says why once and the pure-torch kernels remain."""
 
@@ -33,15 +34,15 @@ def build_dir() -> Path:
     """Where this source, these flags, this torch and this CPU's build lives."""
     # -march=native: a build is only good for this CPU's flags (and this torch, these flags).
     key = "\n".join([cpu_identity()["flags"], torch.__version__, *CFLAGS]).encode()
-    name = f"rankserve_paged_{hashlib.sha256(SOURCE.read_bytes() + key).hexdigest()[:12]}"
+    name = f"rankserve_kernels_{hashlib.sha256(SOURCE.read_bytes() + key).hexdigest()[:12]}"
     root = os.environ.get("TORCH_EXTENSIONS_DIR")
     return (Path(root) if root else Path.home() / ".cache" / "rankserve" / "extensions") / name
 
 
 @functools.cache
 def load() -> bool:
-    """Build (or load from the cache) and register ``torch.ops.rankserve.paged_decode_attention``;
-    False, with a warning, where that fails (no compiler, no ninja)."""
+    """Build (or load from the cache) and register the ``torch.ops.rankserve`` kernels; False, with
+    a warning, where that fails (no compiler, no ninja)."""
     try:
         from torch.utils import cpp_extension
 
@@ -54,7 +55,7 @@ def load() -> bool:
                            build_directory=str(build), is_python_module=False)
         return True
     except Exception as exc:  # no compiler, no ninja, a build error: the other kernels remain
-        log.warning("the C++ decode attention cannot be built here: %s",
+        log.warning("the C++ kernels cannot be built here: %s",
                     (str(exc).splitlines() or [type(exc).__name__])[0])
         return False
 

@@ -128,13 +128,14 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     return weight * h.to(dtype)
 
 
-def _add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+def _add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
                   fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x + residual`` and its norm: in one pass of the C++ extension where ``fused`` (and the
-    activations are in the weights' dtype), else with torch's ops."""
+    """``x + residual`` (or ``x``) and its norm: in one pass of the C++ extension where ``fused``
+    (and the activations are in the weights' dtype), else with torch's ops."""
     if fused and x.dtype == weight.dtype:
         return cpp_kernels.add_rms_norm(x, residual, weight, eps)
-    x = x + residual
+    if residual is not None:
+        x = x + residual
     return x, _rms_norm(x, weight, eps)
 
 
@@ -156,7 +157,7 @@ def _rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(pairs * rotation).flatten(-2).to(x.dtype)
 
 
-def onednn_weight(weight: torch.Tensor, rows_hint: int = 1) -> torch.Tensor | None:
+def _onednn_weight(weight: torch.Tensor, rows_hint: int = 1) -> torch.Tensor | None:
     """``weight`` reordered once into oneDNN's blocked layout for about ``rows_hint`` input rows, or
     None where oneDNN cannot run it (not on the CPU, no oneDNN, or no bf16 support for a bf16 weight)."""
     if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
@@ -178,10 +179,12 @@ FP32_GEMM_MIN_ROWS = 32
 FP32_COPY_MAX_BYTES = 2 << 30
 
 
-class _Linear:
+class PackedLinear:
     """``x @ weight.T + bias``, in ``x``'s dtype. On the CPU the weight is kept prepacked for
-    oneDNN (as torch.compile's freezing does): bitwise the same result as ``F.linear``, about
-    1.3-2x faster at decode batch sizes, where ``F.linear`` spends its time re-laying-out the weight.
+    oneDNN (as torch.compile's freezing does): the result of ``F.linear`` up to the order of its
+    sums (the last bits can differ, in bf16 at 512 rows too), about 1.3-2x faster at decode batch
+    sizes, where ``F.linear`` spends its time re-laying-out the weight. Also the text predictors'
+    linears (``rankserve.learn.text_model``).
 
     A bf16 weight may also keep a prepacked fp32 copy, used for inputs of ``fp32_min_rows`` rows
     or more: on AVX-512 CPUs without AMX a bf16 dot product runs at the fp32 FMA rate, and oneDNN's
@@ -196,12 +199,12 @@ class _Linear:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, prepack: bool, fp32_copy: bool = False) -> None:
         self.bias = bias
         self.in_features = weight.shape[1]
-        self.packed = onednn_weight(weight) if prepack else None
+        self.packed = _onednn_weight(weight) if prepack else None
         self.weight = weight if self.packed is None else None  # the packed copy replaces it
         # Not gated on ``self.packed``: without oneDNN bf16 support the copy is the fast path.
         self.packed32 = None
         if prepack and fp32_copy and weight.dtype == torch.bfloat16:
-            self.packed32 = onednn_weight(weight.float(), rows_hint=64)
+            self.packed32 = _onednn_weight(weight.float(), rows_hint=64)
         self.bias32 = None if bias is None or self.packed32 is None else bias.float()
         self.fp32_min_rows = FP32_GEMM_MIN_ROWS
 
@@ -428,7 +431,7 @@ class LlamaModel:
     ) -> None:
         """``prepack``: keep the linear weights in oneDNN's layout on the CPU (False: plain
         ``F.linear``, for comparison). ``fp32_copy``: a bf16 model on the CPU also keeps fp32
-        copies of its linear weights for batched rows (see ``_Linear``); None: while they take at
+        copies of its linear weights for batched rows (see ``PackedLinear``); None: while they take at
         most ``FP32_COPY_MAX_BYTES``."""
         self.cfg = cfg
         self.dtype = dtype
@@ -436,8 +439,8 @@ class LlamaModel:
         if fp32_copy is None:
             fp32_copy = 4 * cfg.num_linear_params <= FP32_COPY_MAX_BYTES
 
-        def linear(weight: torch.Tensor, bias: torch.Tensor | None) -> _Linear:
-            return _Linear(weight, bias, prepack, fp32_copy)
+        def linear(weight: torch.Tensor, bias: torch.Tensor | None) -> PackedLinear:
+            return PackedLinear(weight, bias, prepack, fp32_copy)
 
         def w(name: str) -> torch.Tensor:
             if name not in weights:
@@ -481,7 +484,7 @@ class LlamaModel:
         self.fused_elementwise = False
 
     @property
-    def linears(self) -> list[_Linear]:
+    def linears(self) -> list[PackedLinear]:
         return [lin for layer in self.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)] + [self.lm_head]
 
     def use_kernels(self, choice: KernelChoice) -> None:
@@ -593,11 +596,12 @@ class LlamaModel:
         head_rows = torch.arange(KV)[:, None] * (num_blocks * bs)
         dec = [i for i, n in enumerate(lens) if n == 1]
         pre = [i for i, n in enumerate(lens) if n > 1]
-        # The C++ decode kernel writes its sequences' new keys and values itself; the forward
+        # The C++ decode kernel reads each sequence to its own length (padding costs it nothing, so
+        # a step's decodes are one group) and writes their new keys and values itself; the forward
         # writes the others' (all of them on the other kernels).
-        fused_write = self.kernels.decode_attention == "cpp" and bool(dec)
+        in_place = self.kernels.decode_attention == "cpp" and bool(dec)
         written = None  # the rows of the new tokens the forward writes (None: all)
-        if fused_write:
+        if in_place:
             written = torch.tensor([r for i in pre for r in range(starts[i], starts[i + 1])], dtype=torch.long)
             new_slots = new_slots[written]
             written = written.to(dev)
@@ -608,9 +612,7 @@ class LlamaModel:
         dec_ctx = [len(ctx_slots[i]) for i in dec]
         dec_blocks = [-(-c // bs) for c in dec_ctx]
         dec_groups: list[DecodeGroup] = []
-        # The C++ kernel reads each sequence to its own length: padding costs it nothing.
-        one_group = self.kernels.decode_attention == "cpp" and dec
-        for members in [list(range(len(dec)))] if one_group else length_groups(dec_blocks, DECODE_GROUP_COST_BLOCKS):
+        for members in [list(range(len(dec)))] if in_place else length_groups(dec_blocks, DECODE_GROUP_COST_BLOCKS):
             max_blocks = max(dec_blocks[j] for j in members)
             tables = torch.zeros(len(members), max_blocks, dtype=torch.long)
             for row, j in enumerate(members):
@@ -642,7 +644,7 @@ class LlamaModel:
         rotation = torch.polar(torch.ones_like(freqs), freqs).to(dev)[:, None, :]  # [T, 1, D/2]
         T = len(ids)
         # Activations (prefill attention included) in fp32 where the linears run on their fp32
-        # copies (see _Linear); the KV cache and decode attention stay in the model's dtype.
+        # copies (see PackedLinear); the KV cache and decode attention stay in the model's dtype.
         min_rows = self.kernels.fp32_gemm_min_rows
         act = torch.float32 if self.lm_head.has_fp32_copy and min_rows is not None and T >= min_rows else self.dtype
         decode_attention = DECODE_ATTENTION[self.kernels.decode_attention]
@@ -657,7 +659,7 @@ class LlamaModel:
         last_rows = torch.tensor([starts[i + 1] - 1 for i in range(len(seqs))], device=dev)
         taps: dict[int, torch.Tensor] = {0: x} if 0 in hidden_layers else {}
         fused, eps = self.fused_elementwise, cfg.rms_norm_eps
-        h = _rms_norm(x, self.layers[0].ln1, eps)  # later layers' come with the residual add before them
+        _, h = _add_rms_norm(x, None, self.layers[0].ln1, eps, fused)  # later layers' come with the residual add
         for li, layer in enumerate(self.layers):
             qkv = layer.qkv(h)
             q = qkv[:, : H * D].view(Tp, H, D)
@@ -689,7 +691,7 @@ class LlamaModel:
             for g in dec_groups:
                 B = len(g.rows)
                 qg = q[g.rows].to(self.dtype).view(B, KV, G, D)
-                if fused_write:
+                if in_place:
                     o = decode_attention(qg, kv_cache[li], g, torch.stack([k[g.rows], v[g.rows]]).to(self.dtype))
                 else:
                     o = decode_attention(qg, kv_cache[li], g)
