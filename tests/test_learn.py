@@ -11,7 +11,7 @@ from rankserve.learn.evaluate import kendall_tau, mean_abs_error
 from rankserve.learn.labels import LabelConfig, LabelRow, _append_rows, read_labels, request_seed, select_prompts
 from rankserve.learn.probe import Probe, ProbeConfig, bin_edges, train_probe
 from rankserve.learn.sharegpt import Prompt, first_pairs, iter_records
-from rankserve.learn.text_model import TextModelConfig, classifier_targets, listmle_loss
+from rankserve.learn.text_model import TextModelConfig, TrainConfig, classifier_targets, listmle_loss, pairwise_loss
 
 
 # ---- metrics and losses -------------------------------------------------------------------
@@ -48,6 +48,39 @@ def test_listmle_ties_within_a_bucket_are_random():
     a = np.mean([float(listmle_loss(torch.tensor([0.0, 3.0]), lengths, 10, gen)) for _ in range(400)])
     b = np.mean([float(listmle_loss(torch.tensor([3.0, 0.0]), lengths, 10, gen)) for _ in range(400)])
     assert a == pytest.approx(b, rel=0.15)
+
+
+def test_pairwise_loss_counts_discordant_pairs_smoothly():
+    lengths = torch.tensor([5, 50, 120, 300, 700])
+    right = pairwise_loss(lengths.float() / 100, lengths, 10)
+    wrong = pairwise_loss(-lengths.float() / 100, lengths, 10)
+    assert right < wrong
+    # Free scores descend to the true order.
+    scores = torch.zeros(5, requires_grad=True)
+    opt = torch.optim.SGD([scores], lr=0.5)
+    for _ in range(200):
+        opt.zero_grad()
+        pairwise_loss(scores, lengths, 10).backward()
+        opt.step()
+    assert kendall_tau(scores.detach().numpy(), lengths.numpy()) == pytest.approx(1.0)
+
+
+def test_pairwise_loss_skips_ties_and_pairs_of_unknown_order():
+    # One bucket: no pair is ordered, so nothing to learn (and no division by zero).
+    s = torch.tensor([0.0, 3.0], requires_grad=True)
+    pairwise_loss(s, torch.tensor([101, 104]), 10).backward()
+    assert torch.all(s.grad == 0)
+    # Cut at 20 tokens next to one that ended at 200: order unknown, no push either way; cut at 300
+    # next to one that ended at 200: the cut one is surely longer.
+    observed = torch.tensor([False, True])
+    s = torch.zeros(2, requires_grad=True)
+    pairwise_loss(s, torch.tensor([20, 200]), 10, observed).backward()
+    assert torch.all(s.grad == 0)
+    s = torch.zeros(2, requires_grad=True)
+    pairwise_loss(s, torch.tensor([300, 200]), 10, observed).backward()
+    assert s.grad[0] < 0 < s.grad[1]
+    with pytest.raises(ValueError):
+        TrainConfig(rank_loss="lambdarank")
 
 
 def test_classifier_targets_clip_into_buckets():
