@@ -145,6 +145,35 @@ def test_silu_and_mul_matches_torch(built):
                           rtol=1e-5, atol=1e-5)
 
 
+def test_rope_rotates_queries_and_keys_in_place_as_torch_does(built):
+    from rankserve.model.llama import _rope
+
+    gen = torch.Generator().manual_seed(2)
+    heads, kv_heads, dim, rows = 4, 2, 16, 7
+    angles = torch.rand(rows, dim // 2, generator=gen) * 50
+    rotation = torch.polar(torch.ones_like(angles), angles)  # [T, D/2] unit complex
+    for dtype in (torch.bfloat16, torch.float32):
+        qkv = (torch.randn(rows, (heads + 2 * kv_heads) * dim, generator=gen) * 3).to(dtype)
+        want_q = _rope(qkv[:, : heads * dim].view(rows, heads, dim), rotation[:, None])
+        want_k = _rope(qkv[:, heads * dim : (heads + kv_heads) * dim].view(rows, kv_heads, dim), rotation[:, None])
+        values = qkv[:, (heads + kv_heads) * dim :].clone()
+        out = cpp_kernels.rope_(qkv, torch.view_as_real(rotation), heads + kv_heads)
+        assert out.data_ptr() == qkv.data_ptr()  # in place
+        got_q = qkv[:, : heads * dim].view(rows, heads, dim)
+        got_k = qkv[:, heads * dim : (heads + kv_heads) * dim].view(rows, kv_heads, dim)
+        if dtype == torch.bfloat16:  # one rounding from float, as torch's: equal or one bf16 step apart
+            for got, want in ((got_q, want_q), (got_k, want_k)):
+                assert (got.float() - want.float()).abs().max() <= want.float().abs().max() * 2 ** -7
+                assert (got == want).float().mean() > 0.99
+        else:
+            assert torch.allclose(got_q, want_q, atol=1e-5) and torch.allclose(got_k, want_k, atol=1e-5)
+        assert torch.equal(qkv[:, (heads + kv_heads) * dim :], values)  # the values' heads untouched
+    with pytest.raises(RuntimeError, match="rotation must be"):
+        cpp_kernels.rope_(torch.randn(3, 32), torch.randn(2, 8, 2), 2)
+    with pytest.raises(RuntimeError, match="exceeds the row"):
+        cpp_kernels.rope_(torch.randn(3, 32), torch.randn(3, 8, 2), 3)
+
+
 def test_bad_shapes_are_errors(built):
     with pytest.raises(RuntimeError, match="weight \\[hidden\\]"):
         cpp_kernels.add_rms_norm(torch.randn(3, 8), None, torch.randn(7), 1e-6)

@@ -1,7 +1,7 @@
 """CPU kernels as a small C++ extension (``csrc/cpp_kernels.cpp``): decode attention over the paged
 KV cache (each block read where it lies, each sequence to its own length: no padding, no gathered
-copy; a KV head's query heads share every row read), and a layer's residual add + RMS norm and
-SiLU-and-multiply, each one pass over memory instead of torch's chain of elementwise ops. Built
+copy; a KV head's query heads share every row read), and a layer's residual add + RMS norm,
+SiLU-and-multiply and RoPE, each one pass over memory instead of torch's chain of elementwise ops. Built
 at first use with torch's extension tooling (g++ and ninja) for the CPU at hand
 (``-march=native``, about 20 s), then loaded from
 ``~/.cache/rankserve/extensions`` (``TORCH_EXTENSIONS_DIR`` moves it). Where it cannot be built,
@@ -80,3 +80,9 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` for ``gate_up`` [T, 2I] (gate first), rounded as torch's two ops round
     it. Needs ``load()``."""
     return torch.ops.rankserve.silu_and_mul(gate_up)
+
+
+def rope_(qkv: torch.Tensor, rotation: torch.Tensor, heads: int) -> torch.Tensor:
+    """Rotate the first ``heads`` heads of each row of ``qkv`` [T, width] in place by ``rotation``
+    [T, D/2, 2] (float32 cos, sin), rounded once as torch's complex multiply is. Needs ``load()``."""
+    return torch.ops.rankserve.rope_(qkv, rotation, heads)

@@ -242,16 +242,51 @@ at::Tensor silu_and_mul(const at::Tensor& gate_up) {
   return out;
 }
 
+// RoPE on the query and key heads of a layer's fused projection, in place: the first `heads` heads
+// of each row of qkv [T, ...] (queries, then keys; their dims paired side by side, see llama's
+// _pair_rows) rotated by rotation [T, D/2, 2] (cos, sin). One pass instead of torch's four
+// (to float, complex multiply, back, and a copy per q and k); computed in float and rounded once,
+// as torch's chain is.
+at::Tensor& rope_(at::Tensor& qkv, const at::Tensor& rotation, int64_t heads) {
+  TORCH_CHECK(qkv.dim() == 2 && qkv.is_contiguous(), "qkv must be a contiguous [T, width]");
+  TORCH_CHECK(rotation.dim() == 3 && rotation.size(0) == qkv.size(0) && rotation.size(2) == 2 &&
+                  rotation.scalar_type() == at::kFloat, "rotation must be float [T, D/2, 2]");
+  const int64_t rows = qkv.size(0), half = rotation.size(1), width = qkv.size(1);
+  TORCH_CHECK(heads > 0 && heads * 2 * half <= width, "heads * D exceeds the row");
+  const auto rot = rotation.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, qkv.scalar_type(), "rope_", [&] {
+    scalar_t* data = qkv.data_ptr<scalar_t>();
+    const float* angles = rot.data_ptr<float>();
+    at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const float* cs = angles + r * half * 2;
+        for (int64_t h = 0; h < heads; ++h) {
+          scalar_t* x = data + r * width + h * 2 * half;
+          for (int64_t j = 0; j < half; ++j) {
+            const float a = static_cast<float>(x[2 * j]), b = static_cast<float>(x[2 * j + 1]);
+            const float c = cs[2 * j], sn = cs[2 * j + 1];
+            x[2 * j] = static_cast<scalar_t>(a * c - b * sn);
+            x[2 * j + 1] = static_cast<scalar_t>(a * sn + b * c);
+          }
+        }
+      }
+    });
+  });
+  return qkv;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(rankserve, m) {
   m.def("paged_decode_attention(Tensor q, Tensor(a!) kv, Tensor tables, Tensor lengths, Tensor? new_kv=None) -> Tensor");
   m.def("add_rms_norm(Tensor x, Tensor? residual, Tensor weight, float eps) -> (Tensor, Tensor)");
   m.def("silu_and_mul(Tensor gate_up) -> Tensor");
+  m.def("rope_(Tensor(a!) qkv, Tensor rotation, int heads) -> Tensor(a!)");
 }
 
 TORCH_LIBRARY_IMPL(rankserve, CPU, m) {
   m.impl("paged_decode_attention", &paged_decode_attention);
   m.impl("add_rms_norm", &add_rms_norm);
   m.impl("silu_and_mul", &silu_and_mul);
+  m.impl("rope_", &rope_);
 }
