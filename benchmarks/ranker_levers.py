@@ -81,6 +81,12 @@ def main() -> None:
 
     data = load_label_data("reference")
     rows, paths = [], []
+
+    def save() -> None:
+        args.out.write_text(json.dumps({"date": str(date.today()), "cpu": cpu_model(), "args": {
+            **vars(args), "base": str(args.base), "cache": str(args.cache), "out": str(args.out)}, "rows": rows},
+            indent=2) + "\n")
+
     for name, model_config, train_config in variants:
         model = TextLengthModel(model_config)
         t0 = time.perf_counter()
@@ -89,7 +95,7 @@ def main() -> None:
         encode_s = time.perf_counter() - t0
         taus: list[float] = []
 
-        def after_epoch(epoch: int, loss: float, model=model, test_bottoms=test_bottoms, taus=taus) -> None:
+        def after_epoch(epoch: int, loss: float) -> None:  # runs within this variant's training
             taus.append(kendall_tau(model.predict_bottoms(test_bottoms)[0], data.test.lengths))
             print(f"{name}: epoch {epoch + 1}, loss {loss:.4f}, tau {taus[-1]:.4f}", flush=True)
 
@@ -107,7 +113,7 @@ def main() -> None:
         rows.append(row)
         paths.append(path)
         print(f"{name}: tau {tau:.4f}, train {train_s:.0f} s, encode {encode_s:.0f} s, loss {history}", flush=True)
-        args.out.write_text(json.dumps({"date": str(date.today()), "cpu": cpu_model(), "rows": rows}, indent=2) + "\n")
+        save()  # what is done so far, should a later variant fail
     speed = scoring_speed(paths, data.test.texts[: args.speed_prompts])
     for row, path in zip(rows, paths):
         row["prompts_per_s"] = speed[path.stem]
@@ -115,13 +121,11 @@ def main() -> None:
           f"encoder with {args.base.name}'s settings unless stated\n")
     print("| variant | changes | Kendall's tau (1,998 test) | train s | prompts/s |")
     print("|---|---|---|---|---|")
+    base = {**asdict(base_model), **asdict(base_train)}
     for (name, m, t), row in zip(variants, rows):
-        changes = {k: v for k, v in {**asdict(m), **asdict(t)}.items()
-                   if asdict(base_model).get(k, asdict(base_train).get(k)) != v}
+        changes = {k: v for k, v in {**asdict(m), **asdict(t)}.items() if base[k] != v}
         print(f"| {name} | {changes or '-'} | {row['test_tau']:.4f} | {row['train_s']:.0f} | {row['prompts_per_s']} |")
-    args.out.write_text(json.dumps({"date": str(date.today()), "cpu": cpu_model(), "args": {
-        **vars(args), "base": str(args.base), "cache": str(args.cache), "out": str(args.out)}, "rows": rows},
-        indent=2) + "\n")
+    save()
     print(f"\nwrote {args.out}")
 
 

@@ -660,16 +660,16 @@ class LlamaModel:
         taps: dict[int, torch.Tensor] = {0: x} if 0 in hidden_layers else {}
         fused, eps = self.fused_elementwise, cfg.rms_norm_eps
         _, h = _add_rms_norm(x, None, self.layers[0].ln1, eps, fused)  # later layers' come with the residual add
-        rope_pairs = torch.view_as_real(rotation[:, 0]) if fused else None  # [Tp, D/2, 2]: cos, sin
+        # The C++ RoPE where the activations are in the weights' dtype (as for the fused norm).
+        rope_pairs = torch.view_as_real(rotation[:, 0]) if fused and act == self.dtype else None  # [Tp, D/2, 2]
         for li, layer in enumerate(self.layers):
             qkv = layer.qkv(h)
-            fused_rope = rope_pairs is not None and qkv.dtype == self.dtype
-            if fused_rope:
+            if rope_pairs is not None:
                 cpp_kernels.rope_(qkv, rope_pairs, H + KV)  # queries' and keys' heads, in place
             q = qkv[:, : H * D].view(Tp, H, D)
             k = qkv[:, H * D : (H + KV) * D].view(Tp, KV, D)[:T]
             v = qkv[:, (H + KV) * D :].view(Tp, KV, D)[:T]
-            if not fused_rope:
+            if rope_pairs is None:
                 q = _rope(q, rotation)
                 k = _rope(k, rotation[:T])
             k_rows = kv_cache[li, 0].view(KV * num_blocks * bs, D)

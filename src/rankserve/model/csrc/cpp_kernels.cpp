@@ -1,6 +1,6 @@
 // CPU kernels of the Llama forward. Decode attention over a paged KV cache, reading each block
 // where it lies (no gathered copy): one query token per sequence; a KV head's G query heads share
-// each key and value row it reads. Residual add + RMS norm, and SiLU-and-multiply, one pass each.
+// each key and value row it reads. Residual add + RMS norm, SiLU-and-multiply and RoPE, one pass each.
 // Built at first use by torch.utils.cpp_extension (rankserve.model.cpp_kernels), with -march=native.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
