@@ -16,7 +16,9 @@ by the same factor so a 2-core CPU finishes a run in minutes without changing th
 --simulate HARDWARE (a preset, a preset file, or cpu-local: `rankserve calibrate`'s fit of this
 machine) re-runs every measured trace (the requests' send times, the server's prompt
 token counts, the output lengths) in the simulator with the same system and prints the error of
-its mean latency and TTFT against the engine's (simulator fidelity). --plan runs no server: it
+its mean latency and TTFT against the engine's (simulator fidelity), and the cost model's total
+over the steps each server logged (`rankserve serve --step-log`, SYSTEM.steps.jsonl in --out)
+against their measured seconds: a step-cost error, apart from the schedule's. --plan runs no server: it
 simulates the planned trace (prompt lengths from the tokenizer) to choose rates before spending
 CPU time on the engine. --reuse runs nothing and rebuilds the report and fidelity table from the
 JSONs a previous run left in --out (e.g. after recalibrating the simulator). Writes one JSON per
@@ -58,7 +60,7 @@ def system_spec(system: str, args) -> SimSpec:
 def rankserve_command(system: str, port: int, args) -> list[str]:
     spec = system_spec(system, args)
     cmd = RANKSERVE + ["serve", "--port", str(port), "--policy", spec.policy,
-                       "--max-num-seqs", str(args.max_num_seqs),
+                       "--step-log", str(step_log(args, system)), "--max-num-seqs", str(args.max_num_seqs),
                        "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
     for key, value in spec.policy_params.items():
         cmd += ["--policy-arg", f"{key}={value}"]
@@ -68,6 +70,29 @@ def rankserve_command(system: str, port: int, args) -> list[str]:
         if weights is not None:
             cmd += ["--predictor-weights", str(weights)]
     return cmd
+
+
+def step_log(args, system: str) -> Path:
+    """Where a rankserve server logs its steps (``rankserve calibrate --from-steps`` reads them)."""
+    return (args.out / f"{system}.steps.jsonl").resolve()  # the server runs elsewhere
+
+
+def step_model_error(args, systems: list[str]) -> str:
+    """The cost model's total over each server's logged steps against their measured seconds:
+    whether a fidelity error comes from the step costs or from the schedule the simulator ran."""
+    from rankserve.sim.calibrate import read_step_logs
+
+    model = get_cost_model(args.simulate)
+    lines = []
+    for system in systems:
+        if not step_log(args, system).is_file():
+            continue
+        steps = read_step_logs([step_log(args, system)])
+        measured = sum(s.seconds for s in steps)
+        modelled = sum(model.step_time(*s.shape) for s in steps)
+        lines.append(f"- {system}: {len(steps)} steps served in {measured:.1f} s; {args.simulate} gives "
+                     f"{modelled:.1f} s for the same steps ({(modelled / measured - 1) * 100:+.0f}%)")
+    return "\n".join(lines)
 
 
 def engine_counters(url: str) -> dict[str, float]:
@@ -225,6 +250,7 @@ def main() -> None:
     if args.vllm_python:
         runs.append(("vllm-fcfs", lambda port: vllm_command(port, args), vllm_server_env()))
     for label, command, env in ([] if args.reuse else runs):
+        step_log(args, label).unlink(missing_ok=True)  # the server appends
         port = free_port()
         with running_server(command(port), port, args.out / f"{label}.log", env) as url:
             subprocess.run(RANKSERVE + ["bench", "--url", url + "/v1", "--label", label,
@@ -241,6 +267,9 @@ def main() -> None:
         sim = [simulate_record(r, args) for r in real]
         table = fidelity_table(real, sim)
         table = f"CPU: {cpu_model()}; simulator: {args.simulate}\n\n{table}"
+        steps = step_model_error(args, [label for label, _, _ in runs])
+        if steps:
+            table += f"\n\nStep costs, the engine's steps over all rates against the simulator's cost model:\n{steps}"
         (args.out / "fidelity.md").write_text(table + "\n")
         print(table)
 

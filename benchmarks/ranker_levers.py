@@ -7,11 +7,12 @@
 Each ``--variant NAME:key=value,...`` trains one ranker from the pretrained encoder on the 7,815
 first-turn train prompts, starting from the shipped ``ranker-reference``'s settings (top 3 layers
 trained, 256 encoder tokens, ListMLE over lists of 32, 3 epochs) and overriding the given keys of
-the model config (``trainable_layers``, ``max_length``, ``head_hidden``) or the training config
+the model config (``trainable_layers``, ``max_length``, ``head_hidden``, ``encoder_layers``) or the training config
 (``rank_loss``, ``list_size``, ``epochs``, ``lr``, ``head_lr``, ``micro_batch``, ``seed``; the head's
 learning rate stays 10x the layers' unless given). Tau is measured on the 1,998 first-turn test
 prompts (after every epoch too, which the training time includes); the frozen layers' outputs are computed once per (frozen layers, encoder tokens) and
-cached under ``--cache``. Scoring speed is the whole encoder in the serving precision, one thread.
+cached under ``--cache``. Scoring speed is the whole encoder in the serving precision, one thread,
+timed interleaved with the base model's.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from rankserve.learn.predictors import default_weights
 from rankserve.learn.text_model import TextLengthModel, TextModelConfig, TrainConfig, train_text_model
 from rankserve.sim.machine import cpu_model
 
-MODEL_KEYS = {"trainable_layers": int, "max_length": int, "head_hidden": int}
+MODEL_KEYS = {"trainable_layers": int, "max_length": int, "head_hidden": int, "encoder_layers": int}
 TRAIN_KEYS = {f.name: f.type for f in fields(TrainConfig) if f.name != "precision"}
 CASTS = {"int": int, "float": float, "str": str}
 
@@ -114,17 +115,22 @@ def main() -> None:
         paths.append(path)
         print(f"{name}: tau {tau:.4f}, train {train_s:.0f} s, encode {encode_s:.0f} s, loss {history}", flush=True)
         save()  # what is done so far, should a later variant fail
-    speed = scoring_speed(paths, data.test.texts[: args.speed_prompts])
+    # The base model is timed beside the variants (interleaved batch by batch): the ratio holds
+    # on a busy machine where the absolute speeds do not.
+    speed = scoring_speed([args.base, *paths], data.test.texts[: args.speed_prompts])
     for row, path in zip(rows, paths):
         row["prompts_per_s"] = speed[path.stem]
+        row["speed_vs_base"] = round(speed[path.stem] / speed[args.base.stem], 2)
     print(f"\nCPU: {cpu_model()}; {args.threads} torch thread(s), {args.precision} training, from the pretrained "
           f"encoder with {args.base.name}'s settings unless stated\n")
-    print("| variant | changes | Kendall's tau (1,998 test) | train s | prompts/s |")
-    print("|---|---|---|---|---|")
+    print("| variant | changes | Kendall's tau (1,998 test) | train s | prompts/s | scoring speed vs base |")
+    print("|---|---|---|---|---|---|")
+    print(f"| {args.base.stem} (base, as trained) | - | - | - | {speed[args.base.stem]} | 1.00 |")
     base = {**asdict(base_model), **asdict(base_train)}
     for (name, m, t), row in zip(variants, rows):
         changes = {k: v for k, v in {**asdict(m), **asdict(t)}.items() if base[k] != v}
-        print(f"| {name} | {changes or '-'} | {row['test_tau']:.4f} | {row['train_s']:.0f} | {row['prompts_per_s']} |")
+        print(f"| {name} | {changes or '-'} | {row['test_tau']:.4f} | {row['train_s']:.0f} | {row['prompts_per_s']} | "
+              f"{row['speed_vs_base']:.2f} |")
     save()
     print(f"\nwrote {args.out}")
 

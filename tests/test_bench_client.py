@@ -165,3 +165,13 @@ def test_server_samples_sums_histogram_parts_over_labels(monkeypatch):
                                                       "vllm:iteration_tokens_total_sum": 345.0}
     assert server_samples("http://down:1/v1", names) == {}
     assert server_samples("http://nometrics:1/v1", names) == {}  # a 404 is no metrics, not an error
+
+
+def test_requests_due_together_are_sent_a_gap_apart_in_trace_order():
+    """Sent at the same instant, a burst reaches the server in whatever order its connections race
+    to; spaced ``min_gap_s`` apart it arrives in the trace's order. Later arrivals keep their times."""
+    items = build_items(["a", "b", "c", "d", "e"], [1] * 5, [0.0, 0.0, 0.0, 0.0031, 1.0], True, min_gap_s=0.002)
+    assert [it.arrival_s for it in items] == pytest.approx([0.0, 0.002, 0.004, 0.006, 1.0])
+    assert [it.prompt for it in items] == ["a", "b", "c", "d", "e"]
+    together = build_items(["a", "b"], [1, 1], [0.0, 0.0], True, min_gap_s=0.0)
+    assert [it.arrival_s for it in together] == [0.0, 0.0]

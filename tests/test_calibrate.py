@@ -168,3 +168,59 @@ def test_the_shipped_cpu_preset_says_where_it_was_fitted() -> None:
     fitted = get_cost_model("cpu-smollm2-135m").fitted_on
     assert fitted["cpu_model"] == "Intel(R) Xeon(R) Processor" and fitted["date"] == "2026-11-26"
     assert "amx_bf16" not in fitted["cpu_flags"] and "avx512_bf16" in fitted["cpu_flags"]
+
+
+def _step_log(path, model: LinearCostModel, n: int = 120) -> None:
+    """A served engine's step log whose steps took exactly what ``model`` says."""
+    rng = np.random.default_rng(1)
+    with open(path, "w") as log:
+        for i in range(n):
+            shape = (int(rng.integers(0, 256)), int(rng.integers(0, 16)), int(rng.integers(1, 5000)),
+                     int(rng.integers(1, 60000)), int(rng.integers(1, 16)))
+            log.write(json.dumps({"t": i * 0.05, **dict(zip(("prefill_tokens", "decode_tokens", "kv_tokens",
+                                                               "attn_pairs", "num_seqs"), shape)),
+                                  "seconds": model.step_time(*shape)}) + "\n")
+            if i == n // 2:
+                log.write("\n")  # blank lines are skipped
+
+
+def test_calibrate_from_served_steps_fits_them_without_timing_anything(tiny_model, tmp_path, presets, capsys) -> None:
+    truth = dict(zip(FEATURES, (0.02, 5e-4, 2e-4, 3e-6, 4e-7, 1e-3)))
+    logs = [tmp_path / "a.steps.jsonl", tmp_path / "b.steps.jsonl"]
+    for log in logs:
+        _step_log(log, LinearCostModel(**truth, kv_capacity_tokens=1))
+    out = tmp_path / "served.json"
+    assert main(["calibrate", "--model", str(tiny_model), "--dtype", "float32", "--kv-cache-gb", "0.01",
+                 "--from-steps", *map(str, logs), "--out", str(out)]) == 0
+    assert "from 2 step log(s): 240 steps" in capsys.readouterr().out
+    model = get_cost_model(str(out))
+    for key, value in truth.items():
+        assert getattr(model, key) == pytest.approx(value, rel=1e-3), key
+    assert model.fitted_on["fit"]["step_logs"] == [str(p) for p in logs]
+    assert model.fitted_on["fit"]["step_mean_abs_error"] < 1e-3
+    assert model.kv_capacity_tokens() == int(0.01 * 2**30 // (512 * 16)) * 16  # the engine's pool, as above
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (None, "No such file"),
+    ("", "no steps"),
+    ('{"prefill_tokens": 1}\n', ":1 is not a step log line"),
+    ("not json\n", "is not a step log line"),
+])
+def test_a_bad_step_log_is_a_one_line_error(tiny_model, tmp_path, presets, content, message, capsys) -> None:
+    path = tmp_path / "steps.jsonl"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(SystemExit) as exc:
+        main(["calibrate", "--model", str(tiny_model), "--from-steps", str(path)])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "argument --from-steps" in err and message in err and err.count("\n") == 1
+    assert not local_preset_path().exists()
+
+
+@pytest.mark.parametrize("where", ["/nonexistent-dir/steps.jsonl", "DIR"])
+def test_a_step_log_that_cannot_be_written_is_a_serve_flag_error(tmp_path, where, capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", "--step-log", str(tmp_path) if where == "DIR" else where])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "argument --step-log" in err and err.count("\n") == 1

@@ -442,3 +442,31 @@ def test_the_engine_thread_keeps_its_torch_threads_when_another_thread_lowers_th
         loop.stop()
         torch.set_num_threads(before)
     assert executor.threads_seen and set(executor.threads_seen) == {2}
+
+
+def test_the_step_log_holds_every_step_with_its_shape(tmp_path):
+    from rankserve.sim.calibrate import read_step_logs
+
+    clock = WallClock()
+    pool = BlockManager(64, 0, block_size=4)
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64), make_policy("fcfs"), pool, clock)
+    path = tmp_path / "steps.jsonl"
+    engine = AsyncEngine(EngineCore(scheduler, CountingExecutor(delay_s=0.001)), step_log=path)
+    try:
+        reqs = [request(n, ignore_eos=True) for n in (3, 8, 5)]
+
+        async def main():
+            return await asyncio.gather(*(collect(engine, r) for r in reqs))
+
+        asyncio.run(main())
+    finally:
+        engine.shutdown()
+    steps = read_step_logs([path])
+    stats = engine.loop.stats
+    assert len(steps) == stats.steps
+    assert sum(s.prefill_tokens for s in steps) == stats.prefill_tokens == 3 * 5
+    assert sum(s.decode_tokens for s in steps) == stats.decode_tokens
+    # the first token comes with the prefill, the rest one per decode step
+    assert stats.decode_tokens == sum(n - 1 for n in (3, 8, 5))
+    assert all(1 <= s.num_seqs <= 4 and s.seconds >= 0.001 for s in steps)
+    assert sum(s.seconds for s in steps) == pytest.approx(stats.busy_s, rel=0.01)

@@ -322,3 +322,22 @@ def test_packed_linears_score_as_the_plain_ones(dtype):
     packed = model.score_texts(texts)[0]
     np.testing.assert_allclose(packed, plain, rtol=1e-4 if dtype == torch.float32 else 3e-2, atol=1e-4)
     assert list(np.argsort(packed)) == list(np.argsort(plain))
+
+
+def test_a_ranker_on_the_encoders_first_layers_saves_and_loads_them_only(tmp_path):
+    """``encoder_layers`` keeps the encoder's first N layers (scoring costs about N/6): the frozen
+    bottom and the trained top split those N, and a saved model loads back with the same scores."""
+    from rankserve.learn.text_model import TextLengthModel
+
+    model = TextLengthModel(TextModelConfig(kind="ranker", encoder_layers=3, trainable_layers=2, max_length=32))
+    assert len(model._bottom) == 1 and len(model.top) == 2
+    texts = ["Answer yes or no: cats.", "Write a long story about the sea and its storms."]
+    model.save(tmp_path / "short.safetensors")
+    loaded = TextLengthModel.load(tmp_path / "short.safetensors")
+    assert loaded.config.encoder_layers == 3 and len(loaded._bottom) + len(loaded.top) == 3
+    np.testing.assert_allclose(loaded.score_texts(texts)[0], model.score_texts(texts)[0], rtol=1e-3, atol=1e-3)
+    whole = TextLengthModel(TextModelConfig(kind="ranker", trainable_layers=2, max_length=32))
+    assert len(whole._bottom) + len(whole.top) == 6  # 0, the default: every layer
+    for bad in (dict(encoder_layers=7), dict(encoder_layers=2, trainable_layers=3)):
+        with pytest.raises(ValueError, match="encoder_layers|trainable_layers"):
+            TextLengthModel(TextModelConfig(kind="ranker", max_length=32, **bad))

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
+from rankserve.bench.client import SEND_GAP_S
 from rankserve.bench.workloads import ARRIVAL_FORMS, arrival_times, sample_lengths
-from rankserve.cli.flags import checked, positive, positive_int, rates
+from rankserve.cli.flags import checked, non_negative, positive, positive_int, rates
 
 
 def add_bench_commands(sub) -> None:
@@ -25,6 +26,9 @@ def add_bench_commands(sub) -> None:
     b.add_argument("--num-requests", type=checked(positive_int), default=200)
     b.add_argument("--rates", type=checked(rates), default=[2.0], help="comma-separated req/s (inf = burst)")
     b.add_argument("--arrival", default="poisson", help=f"arrival process: {ARRIVAL_FORMS}")
+    b.add_argument("--send-gap-ms", type=checked(non_negative), default=SEND_GAP_S * 1e3,
+                   help="send no two requests closer than this (a burst goes out this far apart, so the server "
+                        "sees the trace's order; 0: all at once, in whatever order the connections race)")
     b.add_argument("--max-tokens", type=checked(positive_int), default=384, help="output cap")
     b.add_argument("--length-scale", type=checked(positive), default=1.0,
                    help="multiply replayed lengths by this before the cap (e.g. 0.25 keeps ShareGPT's spread "
@@ -113,7 +117,7 @@ def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             arrivals = arrival_times(args.arrival, rate, args.num_requests, rng)
         except ValueError as exc:
             parser.error(f"argument --arrival: {exc}")
-        items = build_items(prompts, max_tokens, arrivals, ignore_eos, prompt_lens)
+        items = build_items(prompts, max_tokens, arrivals, ignore_eos, prompt_lens, args.send_gap_ms / 1e3)
         preempted_before = server_preemptions(args.url, args.api_key)
         results = run_bench(args.url, model, items, api_key=args.api_key, progress=not args.no_progress)
         summary = bench_summary(results, slo)
@@ -132,7 +136,7 @@ def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             "spec": {"rate": None if math.isinf(rate) else rate, "dataset": args.dataset, "replay": args.replay,
                      "arrival": args.arrival, "num_requests": args.num_requests, "max_tokens": args.max_tokens,
                      "length_scale": args.length_scale, "first_k": args.first_k, "time_limit_s": args.time_limit,
-                     "seed": args.seed, "url": args.url, "model": model},
+                     "seed": args.seed, "send_gap_ms": args.send_gap_ms, "url": args.url, "model": model},
             "summary": summary,
             "requests": per_request_rows(results),
         })

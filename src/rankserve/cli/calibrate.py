@@ -14,7 +14,7 @@ import numpy as np
 
 from rankserve.bench.workloads import sample_lengths
 from rankserve.cli.flags import checked, non_negative_int, positive, positive_int
-from rankserve.sim.cost_model import LOCAL_PRESET, local_preset_path
+from rankserve.sim.cost_model import LOCAL_PRESET, LinearCostModel, local_preset_path
 
 
 def _int_list(text: str) -> list[int]:
@@ -50,6 +50,9 @@ def add_calibrate_command(sub) -> None:
                    help="prefill chunk budget (rankserve serve --max-num-batched-tokens)")
     c.add_argument("--kv-cache-gb", type=checked(positive), default=2.0, help="KV cache the preset models (GiB)")
     c.add_argument("--swap-space-gb", type=checked(positive), default=4.0, help="host swap the preset models (GiB)")
+    c.add_argument("--from-steps", type=Path, nargs="+", default=None, metavar="PATH",
+                   help="fit on the steps `rankserve serve --step-log PATH` logged while serving (on this "
+                        "machine, with the same --dtype and --kv-cache-gb) instead of timing a sweep")
     c.add_argument("--seed", type=int, default=0)
     c.set_defaults(run=cmd_calibrate, parser=c)
 
@@ -65,17 +68,12 @@ def _trace(args: argparse.Namespace, max_len: int) -> np.ndarray:
 def cmd_calibrate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from rankserve.engine.build import EngineSettings, build_core
     from rankserve.model.loader import ModelNotFoundError, load_model_dir
-    from rankserve.sim.calibrate import CalibrationPlan, calibrate
+    from rankserve.sim.calibrate import CalibrationPlan, calibrate, fit_preset, read_step_logs
 
     try:
         files = load_model_dir(args.model)
     except (ModelNotFoundError, ValueError, OSError) as exc:
         parser.error(f"argument --model: {exc}")
-    max_len = int(files.config.get("max_position_embeddings", 2048))
-    too_long = [c for c in args.contexts if c + args.decode_steps + 1 > max_len]
-    if too_long:
-        parser.error(f"argument --contexts: {too_long} + {args.decode_steps + 1} decoded tokens exceed the "
-                     f"model's context of {max_len} tokens")
     out = args.out or local_preset_path()
     name = args.name or (out.stem if args.out else LOCAL_PRESET)
     # FCFS, no predictor: the cost model times the engine's steps (scoring is not part of a step),
@@ -83,6 +81,22 @@ def cmd_calibrate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     settings = EngineSettings(model=args.model, dtype=args.dtype, max_num_batched_tokens=args.max_num_batched_tokens,
                               kv_cache_gb=args.kv_cache_gb, swap_space_gb=args.swap_space_gb, seed=args.seed,
                               policy="fcfs")
+    if args.from_steps:
+        try:
+            steps = read_step_logs(args.from_steps)
+        except (OSError, ValueError) as exc:
+            parser.error(f"argument --from-steps: {exc}")
+        if not steps:
+            parser.error("argument --from-steps: the logs hold no steps")
+        core = build_core(replace(settings, max_num_seqs=args.max_num_seqs))[1]
+        model = fit_preset(core, steps, dtype=args.dtype, model_name=files.name, name=name,
+                           fit={"step_logs": [str(p) for p in args.from_steps]})
+        return _write(model, out, f"from {len(args.from_steps)} step log(s)")
+    max_len = int(files.config.get("max_position_embeddings", 2048))
+    too_long = [c for c in args.contexts if c + args.decode_steps + 1 > max_len]
+    if too_long:
+        parser.error(f"argument --contexts: {too_long} + {args.decode_steps + 1} decoded tokens exceed the "
+                     f"model's context of {max_len} tokens")
     plan = CalibrationPlan(batches=args.batches, contexts=args.contexts, decode_steps=args.decode_steps,
                            trace=_trace(args, max_len) if args.trace_requests else None, seed=args.seed)
     start = time.perf_counter()
@@ -92,12 +106,15 @@ def cmd_calibrate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
                           log=lambda line: print(line, file=sys.stderr, flush=True))
     except ValueError as exc:  # a setting the engine refuses (its message names the flag)
         parser.error(str(exc))
+    return _write(model, out, f"in {time.perf_counter() - start:.0f} s")
+
+
+def _write(model: LinearCostModel, out: Path, how: str) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(model.to_dict(), indent=2) + "\n")
-    fit = model.fitted_on["fit"]
-    print(f"calibrated {files.name} ({args.dtype}) on {model.fitted_on['cpu_model']} in "
-          f"{time.perf_counter() - start:.0f} s: {fit['steps']} steps, mean abs error per step "
-          f"{fit['step_mean_abs_error']:.1%}")
+    fit, fitted = model.fitted_on["fit"], model.fitted_on
+    print(f"calibrated {fitted['model']} ({fitted['dtype']}) on {fitted['cpu_model']} {how}: {fit['steps']} steps, "
+          f"mean abs error per step {fit['step_mean_abs_error']:.1%}")
     print("  base {:.2f} ms, per seq {:.3f} ms, per prefill token {:.3f} ms, per decode token {:.3f} ms, "
           "per context token {:.2f} us, per query-key pair {:.3f} us".format(
               model.base_s * 1e3, model.seq_s * 1e3, model.prefill_s_per_token * 1e3,

@@ -140,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--record-lengths", type=Path, default=None, metavar="PATH",
                     help="record every finished request (token counts, finish reason, the ranker's prompt "
                     "features) in this SQLite file, for `rankserve train ranker --from-records PATH`")
+    sv.add_argument("--step-log", type=Path, default=None, metavar="PATH",
+                    help="append one JSON line per engine step (its shape and seconds) to this file, for "
+                    "`rankserve calibrate --from-steps PATH`: fit the simulator on served traffic")
     sv.add_argument("--record-prompts", action="store_true",
                     help="with --record-lengths: also keep each prompt's text (off: only its features and digest)")
     sv.add_argument("--max-num-seqs", type=checked(positive_int), default=engine.max_num_seqs)
@@ -336,6 +339,11 @@ def cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error("argument --record-prompts: only with --record-lengths PATH")
     if args.record_lengths is not None and not args.record_lengths.parent.is_dir():
         parser.error(f"argument --record-lengths: {args.record_lengths.parent} is not a directory")
+    if args.step_log is not None:
+        try:
+            args.step_log.open("a").close()  # can be written: fails here, not once the model has loaded
+        except OSError as exc:
+            parser.error(f"argument --step-log: {exc}")
     settings = EngineSettings(
         model=args.model, dtype=args.dtype, policy=args.policy, policy_params=policy_params,
         predictor=args.predictor,
@@ -343,7 +351,7 @@ def cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         kv_cache_gb=args.kv_cache_gb, swap_space_gb=args.swap_space_gb,
         preemption_mode=args.preemption_mode, max_model_len=args.max_model_len, seed=args.seed,
-        scoring_thread=args.scoring_thread,
+        scoring_thread=args.scoring_thread, step_log=args.step_log,
     )
     try:
         serve(settings, args.host, args.port, args.api_key, args.max_queued, args.served_model_name,

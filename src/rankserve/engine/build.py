@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from rankserve.core.block_manager import BlockManager
 from rankserve.core.policies import make_policy
@@ -38,6 +39,7 @@ class EngineSettings:
     seed: int = 0
     predictor_weights: str | None = None  # None: the shipped weights of --predictor
     scoring_thread: bool = False  # score arrivals beside the steps (EngineLoop), not between them
+    step_log: Path | None = None  # append each step's shape and seconds here (EngineLoop)
 
 
 @dataclass
@@ -95,6 +97,6 @@ def load_engine(settings: EngineSettings) -> LoadedEngine:
     """The core of ``build_core`` running in its own thread, with the model's tokenizer."""
     files, core, max_len = build_core(settings)
     model = core.executor.model
-    engine = AsyncEngine(core, scoring_thread=settings.scoring_thread)
+    engine = AsyncEngine(core, scoring_thread=settings.scoring_thread, step_log=settings.step_log)
     return LoadedEngine(engine, HFTextTokenizer(load_tokenizer(files)), files.name, max_len,
                         model.cfg.vocab_size, model.kernels.labels())

@@ -9,6 +9,7 @@ aborted because its computation failed (``ENGINE_ERROR``; the core keeps its nei
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import queue
 import sys
@@ -16,8 +17,11 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
 
 from rankserve.core.request import FinishReason, Request
+from rankserve.core.scheduler import SchedulerOutput
 from rankserve.engine.core import ENGINE_ERROR, EngineCore
 from rankserve.predict.scoring_thread import ScoringThread
 
@@ -73,11 +77,18 @@ class EngineLoop:
     steps go on (not for a predictor that also refines every step, which would run on both
     threads at once); a request then queues once its score is back. Between steps is the default:
     on an Intel Xeon with AMX, a burst whose arrivals a ranker scored on the thread ran every
-    later step about 1.4x slower, for the rest of the run (docs/RESULTS.md section 8)."""
+    later step about 1.4x slower, for the rest of the run (docs/RESULTS.md section 8).
+
+    ``step_log``: append one JSON line per step (when it ended, its shape as the cost models see
+    it, and its seconds) to this file; ``rankserve calibrate --from-steps`` fits a preset on it."""
 
     def __init__(self, core: EngineCore, idle_wait_s: float = 0.05,
-                 on_ended: Callable[[Request], None] | None = None, scoring_thread: bool = False) -> None:
+                 on_ended: Callable[[Request], None] | None = None, scoring_thread: bool = False,
+                 step_log: Path | None = None) -> None:
         self.core = core
+        # Opened here, so that a path it cannot write fails the caller, not the engine thread.
+        self._step_log: TextIO | None = (None if step_log is None
+                                         else open(step_log, "a", buffering=1, encoding="utf-8"))
         self.idle_wait_s = idle_wait_s
         self.on_ended = on_ended
         predictor = core.predictor
@@ -132,6 +143,13 @@ class EngineLoop:
     # ---- the engine thread -----------------------------------------------------------------
     def _run(self) -> None:
         _pin_torch_threads()
+        try:
+            self._step_until_stopped()
+        finally:
+            if self._step_log is not None:
+                self._step_log.close()
+
+    def _step_until_stopped(self) -> None:
         scheduler = self.core.scheduler
         while not self._stop.is_set():
             self._drain_inbox()
@@ -149,9 +167,12 @@ class EngineLoop:
                 for req, _cb in list(self._live.values()):
                     self._end(req, f"{ENGINE_ERROR}: {exc}")
                 continue
+            seconds = time.perf_counter() - started
             stats = self.stats
-            stats.busy_s += time.perf_counter() - started
+            stats.busy_s += seconds
             stats.steps += 1
+            if self._step_log is not None and not out.is_empty:  # line-buffered: readable at once
+                self._step_log.write(json.dumps(step_record(out, seconds, scheduler.clock.now())) + "\n")
             stats.prefill_tokens += out.num_prefill_tokens
             stats.decode_tokens += out.num_decode_tokens
             for req in out.requests:
@@ -252,6 +273,13 @@ class EngineLoop:
             log.exception("output callback failed for %s", req.request_id)
 
 
+def step_record(out: SchedulerOutput, seconds: float, now: float) -> dict[str, float]:
+    """One line of a ``step_log``: when the step ended (engine clock), its shape, its seconds."""
+    return {"t": round(now, 4), "prefill_tokens": out.num_prefill_tokens, "decode_tokens": out.num_decode_tokens,
+            "kv_tokens": out.kv_tokens, "attn_pairs": out.attn_pairs, "num_seqs": len(out.requests),
+            "seconds": round(seconds, 6)}
+
+
 def _pin_torch_threads() -> None:
     """Fix this thread's torch thread count now. ATen copies the process-wide count into a thread
     at its first op, and a scoring predictor lowers that count while it scores on one thread
@@ -267,8 +295,8 @@ class AsyncEngine:
     disconnects) aborts the request and frees its KV blocks at once."""
 
     def __init__(self, core: EngineCore, on_ended: Callable[[Request], None] | None = None,
-                 scoring_thread: bool = False) -> None:
-        self.loop = EngineLoop(core, on_ended=on_ended, scoring_thread=scoring_thread)
+                 scoring_thread: bool = False, step_log: Path | None = None) -> None:
+        self.loop = EngineLoop(core, on_ended=on_ended, scoring_thread=scoring_thread, step_log=step_log)
         self.loop.start()
 
     async def generate(self, req: Request, on_end: Callable[[Request], None] | None = None

@@ -72,6 +72,8 @@ class TextModelConfig:
     num_buckets: int = 10  # classifier: equal-width buckets over [0, max_output]
     max_output: int = 384  # classifier bucket range / regressor scale
     head_hidden: int = 0  # 0: a linear head, else one hidden layer of this width
+    # The encoder's first N layers only (0: all): scoring costs about N/6 of the whole encoder's CPU.
+    encoder_layers: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in TEXT_MODEL_KINDS:
@@ -109,6 +111,9 @@ class TextLengthModel(nn.Module):
         bert = BertModel.from_pretrained(path)
         bert.eval()
         layers = bert.encoder.layer
+        if not 0 <= config.encoder_layers <= len(layers):
+            raise ValueError(f"encoder_layers must be in [0, {len(layers)}] (0: all)")
+        layers = layers[: config.encoder_layers or len(layers)]
         if not 0 < config.trainable_layers <= len(layers):
             raise ValueError(f"trainable_layers must be in [1, {len(layers)}]")
         split = len(layers) - config.trainable_layers

@@ -2,9 +2,10 @@
 
 A CPU preset holds only on the CPU it was fitted on (docs/ENGINE.md), so each machine fits its
 own: the real engine runs a sweep of batch shapes and a burst of replayed requests, every step is
-timed end to end (schedule, forward, sampling, update) with its shape, and non-negative least
-squares fits :class:`LinearCostModel`'s coefficients to those steps. The result records the
-machine it was fitted on (``fitted_on``), so the simulator can warn when it runs elsewhere.
+timed end to end (schedule, forward, sampling, update) with its shape (or the steps a server
+logged while serving: ``rankserve serve --step-log``), and non-negative least squares fits
+:class:`LinearCostModel`'s coefficients to those steps. The result records the machine it was
+fitted on (``fitted_on``), so the simulator can warn when it runs elsewhere.
 
 The engine is built by the caller (``make_core(max_num_seqs)``): this layer drives an
 ``EngineCore`` and does not know how a model is loaded.
@@ -12,11 +13,13 @@ The engine is built by the caller (``make_core(max_num_seqs)``): this layer driv
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -122,6 +125,23 @@ def replay(core: EngineCore, lengths: np.ndarray, arrivals: np.ndarray, seed: in
     return reqs, steps
 
 
+def read_step_logs(paths: Sequence[str | Path]) -> list[TimedStep]:
+    """The steps of ``rankserve serve --step-log`` files (one JSON object per line)."""
+    names = [f.name for f in fields(TimedStep)]
+    steps = []
+    for path in paths:
+        with open(path, encoding="utf-8") as lines:
+            for number, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                    steps.append(TimedStep(**{name: record[name] for name in names}))
+                except (ValueError, KeyError, TypeError) as exc:
+                    raise ValueError(f"{path}:{number} is not a step log line ({exc})") from exc
+    return steps
+
+
 def fit_coefficients(steps: Sequence[TimedStep]) -> dict[str, float]:
     """Non-negative least squares of step time on step shape: one coefficient per FEATURES entry."""
     if not steps:
@@ -169,17 +189,22 @@ def calibrate(make_core: Callable[[int], EngineCore], plan: CalibrationPlan, *, 
     steps += sweep_shapes(core, plan)
     log(f"sweep: {len(plan.batches)} batch sizes x {len(plan.contexts)} contexts, {len(steps)} steps in all, "
         f"{time.perf_counter() - start:.0f} s so far")
+    return fit_preset(core, steps, dtype=dtype, model_name=model_name, name=name, fit={
+        "seconds": round(time.perf_counter() - start, 1), "batches": list(plan.batches),
+        "contexts": list(plan.contexts), "trace_requests": 0 if plan.trace is None else len(plan.trace),
+        "trace_max_num_seqs": trace_max_num_seqs})
+
+
+def fit_preset(core: EngineCore, steps: Sequence[TimedStep], *, dtype: str, model_name: str,
+               name: str = LOCAL_PRESET, fit: dict[str, Any] | None = None) -> LinearCostModel:
+    """A preset fitted on ``steps``, with ``core``'s KV pools; ``fitted_on`` records the machine,
+    the model and the fit (steps, error, and ``fit``'s entries: where the steps came from)."""
     blocks = core.scheduler.blocks
     kv_bytes = core.executor.model.cfg.kv_bytes_per_token(getattr(torch, dtype).itemsize)
-    fitted_on = machine_record(dtype) | {"model": model_name}
     model = LinearCostModel(**fit_coefficients(steps), name=name,
                             kv_capacity_tokens=blocks.device.num_blocks * blocks.block_size,
                             host_capacity_tokens=blocks.host.num_blocks * blocks.block_size,
                             kv_bytes_per_token=kv_bytes, swap_bytes_per_s=SWAP_BYTES_PER_S)
-    fitted_on["fit"] = {"steps": len(steps), "step_mean_abs_error": round(mean_abs_error(model, steps), 4),
-                        "seconds": round(time.perf_counter() - start, 1),
-                        "batches": list(plan.batches), "contexts": list(plan.contexts),
-                        "trace_requests": 0 if plan.trace is None else len(plan.trace),
-                        "trace_max_num_seqs": trace_max_num_seqs}
-    model.fitted_on = fitted_on
+    model.fitted_on = machine_record(dtype) | {"model": model_name, "fit": {
+        "steps": len(steps), "step_mean_abs_error": round(mean_abs_error(model, steps), 4), **(fit or {})}}
     return model
