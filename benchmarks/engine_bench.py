@@ -85,10 +85,14 @@ def step_model_error(args, systems: list[str]) -> str:
     model = get_cost_model(args.simulate)
     lines = []
     for system in systems:
-        if not step_log(args, system).is_file():
+        try:
+            steps = read_step_logs([step_log(args, system)])
+        except (OSError, ValueError) as exc:
+            lines.append(f"- {system}: no step log to compare ({exc})")
             continue
-        steps = read_step_logs([step_log(args, system)])
         measured = sum(s.seconds for s in steps)
+        if not measured:
+            continue
         modelled = sum(model.step_time(*s.shape) for s in steps)
         lines.append(f"- {system}: {len(steps)} steps served in {measured:.1f} s; {args.simulate} gives "
                      f"{modelled:.1f} s for the same steps ({(modelled / measured - 1) * 100:+.0f}%)")
@@ -245,6 +249,8 @@ def main() -> None:
         except ValueError as exc:
             ap.error(f"argument --simulate: {exc}")
         warn_other_cpu(args.simulate, ap.prog)
+    if args.ranker_weights is not None and not args.ranker_weights.is_file():
+        ap.error(f"argument --ranker-weights: {args.ranker_weights} does not exist")
     if args.plan:
         plan(args)
         return
@@ -271,7 +277,9 @@ def main() -> None:
         sim = [simulate_record(r, args) for r in real]
         table = fidelity_table(real, sim)
         table = f"CPU: {cpu_model()}; simulator: {args.simulate}\n\n{table}"
-        steps = step_model_error(args, [label for label, _, _ in runs])
+        # A probe's refinement runs inside its steps, which the cost model does not know of.
+        steps = step_model_error(args, [label for label, _, _ in runs
+                                        if label != "vllm-fcfs" and system_spec(label, args).predictor != "probe"])
         if steps:
             table += f"\n\nStep costs, the engine's steps over all rates against the simulator's cost model:\n{steps}"
         (args.out / "fidelity.md").write_text(table + "\n")

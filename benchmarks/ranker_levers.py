@@ -11,8 +11,8 @@ the model config (``trainable_layers``, ``max_length``, ``head_hidden``, ``encod
 (``rank_loss``, ``list_size``, ``epochs``, ``lr``, ``head_lr``, ``micro_batch``, ``seed``; the head's
 learning rate stays 10x the layers' unless given). Tau is measured on the 1,998 first-turn test
 prompts (after every epoch too, which the training time includes); the frozen layers' outputs are computed once per (frozen layers, encoder tokens) and
-cached under ``--cache``. Scoring speed is the whole encoder in the serving precision, one thread,
-timed interleaved with the base model's.
+cached under ``--cache``. Scoring speed is the whole model (every encoder layer it keeps) in the
+serving precision, one thread, timed interleaved with the base model's.
 """
 
 from __future__ import annotations
@@ -77,14 +77,18 @@ def main() -> None:
         variants = [parse_variant(v, base_model, base_train) for v in args.variant or ["listmle:"]]
     except (ValueError, KeyError) as e:
         ap.error(f"argument --variant: {e}")
+    if any(f"ranker-{name}" == args.base.stem for name, _, _ in variants):
+        ap.error(f"argument --variant: a variant's file would be named as the base's ({args.base.stem}); rename it")
     torch.set_num_threads(args.threads)
     args.out.parent.mkdir(parents=True, exist_ok=True)
 
     data = load_label_data("reference")
     rows, paths = [], []
+    base_speed = None  # prompts/s, once timed beside the variants
 
     def save() -> None:
-        args.out.write_text(json.dumps({"date": str(date.today()), "cpu": cpu_model(), "args": {
+        args.out.write_text(json.dumps({"date": str(date.today()), "cpu": cpu_model(),
+                                        "base_prompts_per_s": base_speed, "args": {
             **vars(args), "base": str(args.base), "cache": str(args.cache), "out": str(args.out)}, "rows": rows},
             indent=2) + "\n")
 
@@ -118,6 +122,7 @@ def main() -> None:
     # The base model is timed beside the variants (interleaved batch by batch): the ratio holds
     # on a busy machine where the absolute speeds do not.
     speed = scoring_speed([args.base, *paths], data.test.texts[: args.speed_prompts])
+    base_speed = speed[args.base.stem]
     for row, path in zip(rows, paths):
         row["prompts_per_s"] = speed[path.stem]
         row["speed_vs_base"] = round(speed[path.stem] / speed[args.base.stem], 2)

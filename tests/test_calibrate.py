@@ -182,6 +182,7 @@ def _step_log(path, model: LinearCostModel, n: int = 120) -> None:
                                   "seconds": model.step_time(*shape)}) + "\n")
             if i == n // 2:
                 log.write("\n")  # blank lines are skipped
+        log.write('{"t": 9.9, "prefill_tok')  # the last line, cut short by the server's end: skipped
 
 
 def test_calibrate_from_served_steps_fits_them_without_timing_anything(tiny_model, tmp_path, presets, capsys) -> None:
@@ -206,6 +207,8 @@ def test_calibrate_from_served_steps_fits_them_without_timing_anything(tiny_mode
     ("", "no steps"),
     ('{"prefill_tokens": 1}\n', ":1 is not a step log line"),
     ("not json\n", "is not a step log line"),
+    ('{"prefill_tokens": "1", "decode_tokens": 0, "kv_tokens": 1, "attn_pairs": 1, "num_seqs": 1, "seconds": 0.1}\n',
+     "must be numbers"),
 ])
 def test_a_bad_step_log_is_a_one_line_error(tiny_model, tmp_path, presets, content, message, capsys) -> None:
     path = tmp_path / "steps.jsonl"
@@ -224,3 +227,13 @@ def test_a_step_log_that_cannot_be_written_is_a_serve_flag_error(tmp_path, where
         main(["serve", "--step-log", str(tmp_path) if where == "DIR" else where])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "argument --step-log" in err and err.count("\n") == 1
+
+
+def test_calibrate_from_steps_refuses_an_engine_setting_in_one_line(tiny_model, tmp_path, presets, capsys) -> None:
+    log = tmp_path / "steps.jsonl"
+    _step_log(log, LinearCostModel(base_s=0.02, kv_capacity_tokens=1), n=10)
+    with pytest.raises(SystemExit) as exc:
+        main(["calibrate", "--model", str(tiny_model), "--from-steps", str(log), "--kv-cache-gb", "1e-9"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "--kv-cache-gb" in err and err.count("\n") == 1
+

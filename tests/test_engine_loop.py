@@ -470,3 +470,25 @@ def test_the_step_log_holds_every_step_with_its_shape(tmp_path):
     assert stats.decode_tokens == sum(n - 1 for n in (3, 8, 5))
     assert all(1 <= s.num_seqs <= 4 and s.seconds >= 0.001 for s in steps)
     assert sum(s.seconds for s in steps) == pytest.approx(stats.busy_s, rel=0.01)
+
+
+def test_a_step_log_that_fails_to_write_stops_logging_and_the_engine_serves_on(tmp_path, caplog):
+    class BrokenFile:
+        def write(self, text):
+            raise OSError(28, "No space left on device")
+
+        def close(self):
+            raise OSError(28, "No space left on device")
+
+    engine, _, pool = make_engine()
+    engine.loop._step_log = BrokenFile()  # as if the disk filled after start
+    try:
+        async def main():
+            return await collect(engine, request(6, ignore_eos=True))
+
+        outs = asyncio.run(main())
+    finally:
+        engine.shutdown()
+    assert outs[-1].finished and sum(len(o.new_token_ids) for o in outs) == 6
+    assert "step log" in caplog.text and engine.loop._step_log is None
+    assert pool.num_free_device_blocks == 64

@@ -103,6 +103,8 @@ def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             parser.error(f"argument --url: cannot list models at {args.url} ({exc})")
     if not math.isfinite(args.length_scale):
         parser.error("argument --length-scale: must be finite")
+    if not math.isfinite(args.send_gap_ms):
+        parser.error("argument --send-gap-ms: must be finite")
     if args.first_k is not None and args.first_k > args.num_requests:
         parser.error(f"argument --first-k: {args.first_k} is more than --num-requests {args.num_requests}")
     slo = SLO(args.slo_ttft, args.slo_tpot) if args.slo_ttft or args.slo_tpot else None

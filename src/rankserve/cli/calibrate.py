@@ -88,7 +88,10 @@ def cmd_calibrate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             parser.error(f"argument --from-steps: {exc}")
         if not steps:
             parser.error("argument --from-steps: the logs hold no steps")
-        core = build_core(replace(settings, max_num_seqs=args.max_num_seqs))[1]
+        try:  # only for the KV pools the preset records
+            core = build_core(replace(settings, max_num_seqs=args.max_num_seqs))[1]
+        except ValueError as exc:  # a setting the engine refuses (its message names the flag)
+            parser.error(str(exc))
         model = fit_preset(core, steps, dtype=args.dtype, model_name=files.name, name=name,
                            fit={"step_logs": [str(p) for p in args.from_steps]})
         return _write(model, out, f"from {len(args.from_steps)} step log(s)")

@@ -73,6 +73,10 @@ class SchedulerConfig:
             raise ValueError(f"preemption_mode must be 'swap' or 'recompute', got {self.preemption_mode!r}")
 
 
+# The step's shape as cost models take it (``CostModel.step_time``'s arguments, in order).
+STEP_SHAPE = ("prefill_tokens", "decode_tokens", "kv_tokens", "attn_pairs", "num_seqs")
+
+
 @dataclass
 class SchedulerOutput:
     """The one message from scheduler to executor."""
@@ -94,6 +98,11 @@ class SchedulerOutput:
     @property
     def is_empty(self) -> bool:
         return not self.requests and not self.swap_out and not self.swap_in
+
+    @property
+    def step_shape(self) -> tuple[int, int, int, int, int]:
+        """The values of ``STEP_SHAPE`` for this step."""
+        return (self.num_prefill_tokens, self.num_decode_tokens, self.kv_tokens, self.attn_pairs, len(self.requests))
 
 
 class Scheduler:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TextIO
 
 from rankserve.core.request import FinishReason, Request
-from rankserve.core.scheduler import SchedulerOutput
+from rankserve.core.scheduler import STEP_SHAPE, SchedulerOutput
 from rankserve.engine.core import ENGINE_ERROR, EngineCore
 from rankserve.predict.scoring_thread import ScoringThread
 
@@ -79,16 +79,17 @@ class EngineLoop:
     on an Intel Xeon with AMX, a burst whose arrivals a ranker scored on the thread ran every
     later step about 1.4x slower, for the rest of the run (docs/RESULTS.md section 8).
 
-    ``step_log``: append one JSON line per step (when it ended, its shape as the cost models see
-    it, and its seconds) to this file; ``rankserve calibrate --from-steps`` fits a preset on it."""
+    ``step_log``: append one JSON line per step that ran work (when it ended, its shape as the
+    cost models see it, and its seconds) to this file; ``rankserve calibrate --from-steps`` fits a
+    preset on it. Opened by ``start`` (a path it cannot write fails the caller, not the engine
+    thread); should writing fail later, the log stops and the engine serves on."""
 
     def __init__(self, core: EngineCore, idle_wait_s: float = 0.05,
                  on_ended: Callable[[Request], None] | None = None, scoring_thread: bool = False,
                  step_log: Path | None = None) -> None:
         self.core = core
-        # Opened here, so that a path it cannot write fails the caller, not the engine thread.
-        self._step_log: TextIO | None = (None if step_log is None
-                                         else open(step_log, "a", buffering=1, encoding="utf-8"))
+        self.step_log = step_log
+        self._step_log: TextIO | None = None
         self.idle_wait_s = idle_wait_s
         self.on_ended = on_ended
         predictor = core.predictor
@@ -104,6 +105,8 @@ class EngineLoop:
 
     # ---- called from any thread ------------------------------------------------------------
     def start(self) -> None:
+        if self.step_log is not None:  # line-buffered: each step readable at once
+            self._step_log = open(self.step_log, "a", buffering=1, encoding="utf-8")
         self._thread = threading.Thread(target=self._run, name="rankserve-engine", daemon=True)
         self._thread.start()
 
@@ -142,12 +145,26 @@ class EngineLoop:
 
     # ---- the engine thread -----------------------------------------------------------------
     def _run(self) -> None:
-        _pin_torch_threads()
         try:
+            _pin_torch_threads()
             self._step_until_stopped()
         finally:
-            if self._step_log is not None:
-                self._step_log.close()
+            self._close_step_log()
+
+    def _close_step_log(self) -> None:
+        step_log, self._step_log = self._step_log, None
+        if step_log is not None:
+            try:
+                step_log.close()
+            except OSError:  # already reported by _log_step, or nothing left to lose
+                pass
+
+    def _log_step(self, out: SchedulerOutput, seconds: float) -> None:
+        try:
+            self._step_log.write(json.dumps(step_record(out, seconds, self.core.scheduler.clock.now())) + "\n")
+        except (OSError, ValueError) as exc:  # a full disk must not stop the serving
+            log.error("writing the step log %s failed (%s); no more steps are logged", self.step_log, exc)
+            self._close_step_log()
 
     def _step_until_stopped(self) -> None:
         scheduler = self.core.scheduler
@@ -171,8 +188,8 @@ class EngineLoop:
             stats = self.stats
             stats.busy_s += seconds
             stats.steps += 1
-            if self._step_log is not None and not out.is_empty:  # line-buffered: readable at once
-                self._step_log.write(json.dumps(step_record(out, seconds, scheduler.clock.now())) + "\n")
+            if self._step_log is not None and not out.is_empty:
+                self._log_step(out, seconds)
             stats.prefill_tokens += out.num_prefill_tokens
             stats.decode_tokens += out.num_decode_tokens
             for req in out.requests:
@@ -275,9 +292,7 @@ class EngineLoop:
 
 def step_record(out: SchedulerOutput, seconds: float, now: float) -> dict[str, float]:
     """One line of a ``step_log``: when the step ended (engine clock), its shape, its seconds."""
-    return {"t": round(now, 4), "prefill_tokens": out.num_prefill_tokens, "decode_tokens": out.num_decode_tokens,
-            "kv_tokens": out.kv_tokens, "attn_pairs": out.attn_pairs, "num_seqs": len(out.requests),
-            "seconds": round(seconds, 6)}
+    return {"t": round(now, 4), **dict(zip(STEP_SHAPE, out.step_shape)), "seconds": round(seconds, 6)}
 
 
 def _pin_torch_threads() -> None:

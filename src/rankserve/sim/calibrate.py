@@ -70,8 +70,7 @@ def timed_step(core: EngineCore, steps: list[TimedStep]) -> None:
     out, _ = core.step()
     seconds = time.perf_counter() - t0
     if not out.is_empty:
-        steps.append(TimedStep(out.num_prefill_tokens, out.num_decode_tokens, out.kv_tokens, out.attn_pairs,
-                               len(out.requests), seconds))
+        steps.append(TimedStep(*out.step_shape, seconds))
 
 
 def _random_requests(core: EngineCore, lengths: Sequence[tuple[int, int]], rng: np.random.Generator) -> list[Request]:
@@ -126,7 +125,9 @@ def replay(core: EngineCore, lengths: np.ndarray, arrivals: np.ndarray, seed: in
 
 
 def read_step_logs(paths: Sequence[str | Path]) -> list[TimedStep]:
-    """The steps of ``rankserve serve --step-log`` files (one JSON object per line)."""
+    """The steps of ``rankserve serve --step-log`` files (one JSON object per line). A last line
+    without its newline (a server killed while writing it) is skipped; any other bad line raises
+    ValueError naming the file and line."""
     names = [f.name for f in fields(TimedStep)]
     steps = []
     for path in paths:
@@ -136,9 +137,15 @@ def read_step_logs(paths: Sequence[str | Path]) -> list[TimedStep]:
                     continue
                 try:
                     record = json.loads(line)
-                    steps.append(TimedStep(**{name: record[name] for name in names}))
+                    values = {name: record[name] for name in names}
+                    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+                               for v in values.values()):
+                        raise ValueError(f"{names} must be numbers >= 0")
                 except (ValueError, KeyError, TypeError) as exc:
+                    if not line.endswith("\n"):
+                        break  # cut short by the server's end
                     raise ValueError(f"{path}:{number} is not a step log line ({exc})") from exc
+                steps.append(TimedStep(**values))
     return steps
 
 

@@ -36,9 +36,7 @@ class CostModelExecutor:
         self.busy_s = 0.0
 
     def execute(self, out: SchedulerOutput) -> None:
-        dt = self.cost_model.step_time(
-            out.num_prefill_tokens, out.num_decode_tokens, out.kv_tokens, out.attn_pairs, len(out.requests)
-        )
+        dt = self.cost_model.step_time(*out.step_shape)
         swapped = len(out.swap_out) + len(out.swap_in)
         if swapped:
             dt += self.cost_model.swap_time(swapped, self.block_size)
