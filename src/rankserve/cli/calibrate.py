@@ -9,12 +9,18 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from rankserve.bench.workloads import sample_lengths
 from rankserve.cli.flags import checked, non_negative_int, positive, positive_int
 from rankserve.sim.cost_model import LOCAL_PRESET, LinearCostModel, local_preset_path
+
+if TYPE_CHECKING:  # imported where used: they load torch
+    from rankserve.engine.build import EngineSettings
+    from rankserve.model.loader import ModelFiles
+    from rankserve.sim.calibrate import TimedStep
 
 
 def _int_list(text: str) -> list[int]:
@@ -68,7 +74,7 @@ def _trace(args: argparse.Namespace, max_len: int) -> np.ndarray:
 def cmd_calibrate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from rankserve.engine.build import EngineSettings, build_core
     from rankserve.model.loader import ModelNotFoundError, load_model_dir
-    from rankserve.sim.calibrate import CalibrationPlan, calibrate, fit_preset, read_step_logs
+    from rankserve.sim.calibrate import CalibrationPlan, calibrate, read_step_logs
 
     try:
         files = load_model_dir(args.model)
@@ -88,13 +94,7 @@ def cmd_calibrate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             parser.error(f"argument --from-steps: {exc}")
         if not steps:
             parser.error("argument --from-steps: the logs hold no steps")
-        try:  # only for the KV pools the preset records
-            core = build_core(replace(settings, max_num_seqs=args.max_num_seqs))[1]
-        except ValueError as exc:  # a setting the engine refuses (its message names the flag)
-            parser.error(str(exc))
-        model = fit_preset(core, steps, dtype=args.dtype, model_name=files.name, name=name,
-                           fit={"step_logs": [str(p) for p in args.from_steps]})
-        return _write(model, out, f"from {len(args.from_steps)} step log(s)")
+        return _fit_served_steps(args, parser, files, settings, steps, out, name)
     max_len = int(files.config.get("max_position_embeddings", 2048))
     too_long = [c for c in args.contexts if c + args.decode_steps + 1 > max_len]
     if too_long:
@@ -110,6 +110,32 @@ def cmd_calibrate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     except ValueError as exc:  # a setting the engine refuses (its message names the flag)
         parser.error(str(exc))
     return _write(model, out, f"in {time.perf_counter() - start:.0f} s")
+
+
+def _fit_served_steps(args: argparse.Namespace, parser: argparse.ArgumentParser, files: ModelFiles,
+                      settings: EngineSettings, steps: list[TimedStep], out: Path, name: str) -> int:
+    """``--from-steps``: the preset's KV pools from the model's config and the flags (no weights
+    loaded, no cache allocated: nothing is timed)."""
+    import torch
+
+    from rankserve.engine.build import kv_pool_blocks
+    from rankserve.model.llama import LlamaConfig
+    from rankserve.sim.calibrate import fit_preset
+
+    try:
+        shape = LlamaConfig.from_hf(files.config)
+    except (ValueError, KeyError) as exc:
+        parser.error(f"argument --model: {exc}")
+    dtype_bytes = getattr(torch, args.dtype).itemsize
+    try:
+        device_blocks, host_blocks = kv_pool_blocks(settings, shape, dtype_bytes)
+    except ValueError as exc:  # the message names the flag
+        parser.error(str(exc))
+    model = fit_preset(steps, kv_capacity_tokens=device_blocks * settings.block_size,
+                       host_capacity_tokens=host_blocks * settings.block_size,
+                       kv_bytes_per_token=shape.kv_bytes_per_token(dtype_bytes), dtype=args.dtype,
+                       model_name=files.name, name=name, fit={"step_logs": [str(p) for p in args.from_steps]})
+    return _write(model, out, f"from {len(args.from_steps)} step log(s)")
 
 
 def _write(model: LinearCostModel, out: Path, how: str) -> int:

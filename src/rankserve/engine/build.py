@@ -13,6 +13,7 @@ from rankserve.core.scheduler import Scheduler, SchedulerConfig
 from rankserve.engine.core import EngineCore
 from rankserve.engine.loop import AsyncEngine, WallClock
 from rankserve.model.loader import load_model, load_tokenizer
+from rankserve.model.shape import ModelShape
 from rankserve.model.tokenizer import HFTextTokenizer
 from rankserve.predict import make_predictor
 
@@ -52,6 +53,16 @@ class LoadedEngine:
     kernels: dict[str, str]  # the kernel paths the model runs (KernelChoice.labels)
 
 
+def kv_pool_blocks(settings: EngineSettings, shape: ModelShape, dtype_bytes: int) -> tuple[int, int]:
+    """(device, host) KV blocks that the settings' KV cache and swap space hold for this model.
+    Raises ValueError when the cache holds no block."""
+    per_block = shape.kv_bytes_per_token(dtype_bytes) * settings.block_size
+    device_blocks = int(settings.kv_cache_gb * GiB // per_block)
+    if device_blocks < 1:
+        raise ValueError(f"--kv-cache-gb {settings.kv_cache_gb} holds no KV block")
+    return device_blocks, int(settings.swap_space_gb * GiB // per_block)
+
+
 def build_core(settings: EngineSettings):
     """Load the model and build scheduler, executor and the step loop on a wall clock.
     Returns (ModelFiles, EngineCore, max_model_len). Raises on a bad setting. A learned
@@ -65,11 +76,7 @@ def build_core(settings: EngineSettings):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     files, model = load_model(settings.model, dtype=dtype, device=device)
     choose_kernels(model)  # timed on first use on this machine, then cached; logged
-    per_block = model.cfg.kv_bytes_per_token(dtype.itemsize) * settings.block_size
-    device_blocks = int(settings.kv_cache_gb * GiB // per_block)
-    host_blocks = int(settings.swap_space_gb * GiB // per_block)
-    if device_blocks < 1:
-        raise ValueError(f"--kv-cache-gb {settings.kv_cache_gb} holds no KV block")
+    device_blocks, host_blocks = kv_pool_blocks(settings, model.cfg, dtype.itemsize)
     max_len = min(model.cfg.max_position_embeddings, device_blocks * settings.block_size)
     if settings.max_model_len is not None:
         max_len = min(max_len, settings.max_model_len)

@@ -196,22 +196,25 @@ def calibrate(make_core: Callable[[int], EngineCore], plan: CalibrationPlan, *, 
     steps += sweep_shapes(core, plan)
     log(f"sweep: {len(plan.batches)} batch sizes x {len(plan.contexts)} contexts, {len(steps)} steps in all, "
         f"{time.perf_counter() - start:.0f} s so far")
-    return fit_preset(core, steps, dtype=dtype, model_name=model_name, name=name, fit={
-        "seconds": round(time.perf_counter() - start, 1), "batches": list(plan.batches),
-        "contexts": list(plan.contexts), "trace_requests": 0 if plan.trace is None else len(plan.trace),
-        "trace_max_num_seqs": trace_max_num_seqs})
-
-
-def fit_preset(core: EngineCore, steps: Sequence[TimedStep], *, dtype: str, model_name: str,
-               name: str = LOCAL_PRESET, fit: dict[str, Any] | None = None) -> LinearCostModel:
-    """A preset fitted on ``steps``, with ``core``'s KV pools; ``fitted_on`` records the machine,
-    the model and the fit (steps, error, and ``fit``'s entries: where the steps came from)."""
     blocks = core.scheduler.blocks
-    kv_bytes = core.executor.model.cfg.kv_bytes_per_token(getattr(torch, dtype).itemsize)
-    model = LinearCostModel(**fit_coefficients(steps), name=name,
-                            kv_capacity_tokens=blocks.device.num_blocks * blocks.block_size,
-                            host_capacity_tokens=blocks.host.num_blocks * blocks.block_size,
-                            kv_bytes_per_token=kv_bytes, swap_bytes_per_s=SWAP_BYTES_PER_S)
+    return fit_preset(steps, kv_capacity_tokens=blocks.device.num_blocks * blocks.block_size,
+                      host_capacity_tokens=blocks.host.num_blocks * blocks.block_size,
+                      kv_bytes_per_token=core.executor.model.cfg.kv_bytes_per_token(getattr(torch, dtype).itemsize),
+                      dtype=dtype, model_name=model_name, name=name, fit={
+                          "seconds": round(time.perf_counter() - start, 1), "batches": list(plan.batches),
+                          "contexts": list(plan.contexts),
+                          "trace_requests": 0 if plan.trace is None else len(plan.trace),
+                          "trace_max_num_seqs": trace_max_num_seqs})
+
+
+def fit_preset(steps: Sequence[TimedStep], *, kv_capacity_tokens: int, host_capacity_tokens: int,
+               kv_bytes_per_token: int, dtype: str, model_name: str, name: str = LOCAL_PRESET,
+               fit: dict[str, Any] | None = None) -> LinearCostModel:
+    """A preset fitted on ``steps``, for an engine with these KV pools; ``fitted_on`` records the
+    machine, the model and the fit (steps, error, and ``fit``'s entries: where the steps came from)."""
+    model = LinearCostModel(**fit_coefficients(steps), name=name, kv_capacity_tokens=kv_capacity_tokens,
+                            host_capacity_tokens=host_capacity_tokens, kv_bytes_per_token=kv_bytes_per_token,
+                            swap_bytes_per_s=SWAP_BYTES_PER_S)
     model.fitted_on = machine_record(dtype) | {"model": model_name, "fit": {
         "steps": len(steps), "step_mean_abs_error": round(mean_abs_error(model, steps), 4), **(fit or {})}}
     return model
